@@ -1,0 +1,59 @@
+-- Switchboard schema, SQLite flavour. Times are unix milliseconds.
+
+CREATE TABLE users (
+    id            TEXT PRIMARY KEY,
+    username      TEXT NOT NULL UNIQUE,
+    display_name  TEXT NOT NULL,
+    password_hash TEXT,               -- NULL for users of an external issuer
+    external_sub  TEXT UNIQUE,        -- `iss|sub` of an external issuer
+    created_at    INTEGER NOT NULL,
+    last_seen_at  INTEGER
+);
+
+CREATE TABLE refresh_tokens (
+    token_hash  TEXT PRIMARY KEY,     -- SHA-256 of the opaque token, never the token
+    user_id     TEXT NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+    family_id   TEXT NOT NULL,        -- one login; reuse of a rotated token revokes the family
+    expires_at  INTEGER NOT NULL,
+    used_at     INTEGER,
+    created_at  INTEGER NOT NULL
+);
+CREATE INDEX refresh_tokens_family ON refresh_tokens(family_id);
+
+CREATE TABLE chats (
+    id         TEXT PRIMARY KEY,
+    kind       TEXT NOT NULL CHECK (kind IN ('direct', 'group')),
+    title      TEXT,
+    direct_key TEXT UNIQUE,           -- "minUserId:maxUserId" for direct chats
+    last_seq   INTEGER NOT NULL DEFAULT 0,
+    created_at INTEGER NOT NULL
+);
+
+CREATE TABLE chat_members (
+    chat_id       TEXT NOT NULL REFERENCES chats(id) ON DELETE CASCADE,
+    user_id       TEXT NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+    position      INTEGER NOT NULL,
+    delivered_seq INTEGER NOT NULL DEFAULT 0,
+    read_seq      INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (chat_id, user_id)
+);
+CREATE INDEX chat_members_user ON chat_members(user_id);
+
+CREATE TABLE messages (
+    id            TEXT PRIMARY KEY,
+    chat_id       TEXT NOT NULL REFERENCES chats(id) ON DELETE CASCADE,
+    seq           INTEGER NOT NULL,
+    sender_id     TEXT NOT NULL REFERENCES users(id),
+    content       TEXT NOT NULL,
+    client_msg_id TEXT,
+    created_at    INTEGER NOT NULL,
+    pinned        INTEGER NOT NULL DEFAULT 0,
+    fwd_message_id TEXT,
+    fwd_chat_id    TEXT,
+    fwd_sender_id  TEXT,
+    UNIQUE (chat_id, seq)
+);
+CREATE UNIQUE INDEX messages_client_id ON messages(sender_id, client_msg_id)
+    WHERE client_msg_id IS NOT NULL;
+CREATE INDEX messages_pinned ON messages(chat_id) WHERE pinned = 1;
+CREATE INDEX messages_sender_seq ON messages(chat_id, sender_id, seq);

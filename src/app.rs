@@ -1,0 +1,209 @@
+//! Composition root: builds the store, accounts, hub, node and router, serves them on the
+//! listeners it is given, and owns shutdown. Tests call [`spawn`] with a listener bound to port 0.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::auth::jwt::JwtKeys;
+use crate::auth::Accounts;
+use crate::config::Config;
+use crate::hub::node::Node;
+use crate::hub::{Hub, MemoryBroker};
+use crate::store::sqlite::SqliteStore;
+use crate::store::Store;
+
+/// How long shutdown waits for sessions to say goodbye and finish their writes.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What every request handler and session shares.
+pub struct AppState {
+    pub config: Arc<Config>,
+    pub accounts: Arc<Accounts>,
+    pub node: Arc<Node>,
+    /// Cancelled when the process is going away.
+    pub shutdown: CancellationToken,
+    /// Live WebSocket sessions, awaited on shutdown.
+    pub tracker: TaskTracker,
+}
+
+/// Reads a secret from the config or from `data_dir/<name>`, generating it there on first start.
+fn secret_or_generate(configured: &str, data_dir: &Path, name: &str) -> anyhow::Result<String> {
+    if !configured.is_empty() {
+        return Ok(configured.to_owned());
+    }
+    let path = data_dir.join(name);
+    if let Ok(existing) = std::fs::read_to_string(&path) {
+        let existing = existing.trim().to_owned();
+        if !existing.is_empty() {
+            return Ok(existing);
+        }
+    }
+    let mut raw = [0u8; 32];
+    getrandom::fill(&mut raw).map_err(|e| anyhow::anyhow!("random source: {e}"))?;
+    let secret = base64::Engine::encode(&base64::engine::general_purpose::STANDARD_NO_PAD, raw);
+    write_private(&path, &secret).with_context(|| format!("cannot write {}", path.display()))?;
+    tracing::info!(file = %path.display(), "generated a new secret");
+    Ok(secret)
+}
+
+#[cfg(unix)]
+fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(contents.as_bytes())?;
+    f.sync_all()
+}
+
+#[cfg(not(unix))]
+fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
+    std::fs::write(path, contents)
+}
+
+fn build_keys(config: &Config, jwt_secret: &str) -> anyhow::Result<JwtKeys> {
+    let keys = JwtKeys::new(jwt_secret.as_bytes());
+    let auth = &config.auth;
+    if auth.issuer.is_empty() {
+        return Ok(keys);
+    }
+    if let Some(path) = &auth.jwt_public_key_file {
+        let pem = std::fs::read(path)
+            .with_context(|| format!("auth.jwt_public_key_file: cannot read {}", path.display()))?;
+        Ok(keys
+            .with_external_pem(&auth.issuer, &auth.audience, &pem)
+            .context("auth.jwt_public_key_file")?)
+    } else {
+        Ok(keys.with_external_secret(&auth.issuer, &auth.audience, auth.issuer_secret.as_bytes()))
+    }
+}
+
+/// A running app: its address and the handle to stop it.
+pub struct Running {
+    pub addr: SocketAddr,
+    pub shutdown: CancellationToken,
+    pub task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Running {
+    /// Asks the app to stop and waits until it has.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        self.task.await.context("app task panicked")?
+    }
+}
+
+/// Prepares everything that can fail at start (data dir, secrets, store), then serves on
+/// `listener` in a background task until `shutdown`.
+pub async fn spawn(
+    config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<Running> {
+    let addr = listener.local_addr()?;
+    let serve = prepare(config, shutdown.clone()).await?;
+    let task = tokio::spawn(serve.run(listener));
+    Ok(Running {
+        addr,
+        shutdown,
+        task,
+    })
+}
+
+/// Everything built and opened, not yet serving.
+pub struct Prepared {
+    state: Arc<AppState>,
+    store: Arc<SqliteStore>,
+    deliveries_stop: CancellationToken,
+    background: Vec<tokio::task::JoinHandle<()>>,
+}
+
+pub async fn prepare(mut config: Config, shutdown: CancellationToken) -> anyhow::Result<Prepared> {
+    config.resolve_secrets()?;
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("data_dir: cannot create {}", config.data_dir.display()))?;
+    let jwt_secret = secret_or_generate(&config.auth.jwt_secret, &config.data_dir, "jwt_secret")?;
+    let keys = build_keys(&config, &jwt_secret)?;
+    let db_path = config.sqlite_path();
+    let store = Arc::new(
+        SqliteStore::open(&db_path)
+            .await
+            .with_context(|| format!("cannot open the database {}", db_path.display()))?,
+    );
+    let dyn_store: Arc<dyn Store> = store.clone();
+    let hub = Arc::new(Hub::new(config.ws.send_queue));
+    let broker = Arc::new(MemoryBroker::new(hub.clone()));
+    let node = Arc::new(Node::new(
+        dyn_store.clone(),
+        hub,
+        broker,
+        config.presence.offline_grace,
+        config.presence.typing_timeout,
+    ));
+    let accounts = Arc::new(Accounts::new(dyn_store, keys, config.auth.clone()));
+    let deliveries_stop = CancellationToken::new();
+    let background = vec![
+        tokio::spawn(node.clone().run_presence(shutdown.clone())),
+        tokio::spawn(node.clone().run_deliveries(deliveries_stop.clone())),
+    ];
+    let state = Arc::new(AppState {
+        config: Arc::new(config),
+        accounts,
+        node,
+        shutdown,
+        tracker: TaskTracker::new(),
+    });
+    Ok(Prepared {
+        state,
+        store,
+        deliveries_stop,
+        background,
+    })
+}
+
+impl Prepared {
+    pub fn state(&self) -> &Arc<AppState> {
+        &self.state
+    }
+
+    /// Serves until shutdown, then drains: sessions close with 1012 and finish their writes,
+    /// queued delivery receipts are written, the database is closed.
+    pub async fn run(self, listener: TcpListener) -> anyhow::Result<()> {
+        let state = self.state.clone();
+        let shutdown = state.shutdown.clone();
+        let app = crate::http::router(state.clone());
+        tracing::info!(addr = %listener.local_addr()?, "http listening");
+        axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+        .await
+        .context("http server failed")?;
+        tracing::info!("shutting down: closing sessions");
+        state.tracker.close();
+        if tokio::time::timeout(DRAIN_TIMEOUT, state.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("some sessions did not close in time");
+        }
+        self.deliveries_stop.cancel();
+        for task in self.background {
+            let _ = task.await;
+        }
+        self.store.close().await;
+        tracing::info!("stopped");
+        Ok(())
+    }
+}

@@ -1,0 +1,372 @@
+//! Register, login, refresh-token rotation with theft detection, and token authentication
+//! (creating users of a trusted external issuer on first sight).
+
+use std::sync::{Arc, Mutex};
+
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use super::jwt::{Identity, JwtError, JwtKeys};
+use super::passwords;
+use super::throttle::Throttle;
+use crate::config::AuthConfig;
+use crate::error::ApiError;
+use crate::store::{NewUser, RefreshOutcome, Store, StoreError, User, UserRecord};
+use crate::time::now_ms;
+
+/// Failed logins per client IP allowed for every one allowed per username.
+const IP_FAILURE_FACTOR: u32 = 4;
+/// Most throttle entries kept in memory.
+const THROTTLE_MAX_KEYS: usize = 100_000;
+const MAX_PASSWORD_BYTES: usize = 1024;
+const MAX_DISPLAY_NAME_CHARS: usize = 64;
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AuthResponse {
+    pub user: User,
+    pub access_token: String,
+    pub refresh_token: String,
+    pub expires_in: u64,
+}
+
+/// An authenticated caller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Authed {
+    pub user_id: String,
+    /// Unix seconds when the presented token expires.
+    pub expires_at: i64,
+}
+
+pub struct Accounts {
+    store: Arc<dyn Store>,
+    keys: JwtKeys,
+    config: AuthConfig,
+    by_user: Mutex<Throttle>,
+    by_ip: Mutex<Throttle>,
+}
+
+fn now_secs() -> i64 {
+    now_ms() / 1000
+}
+
+fn new_id() -> String {
+    uuid::Uuid::now_v7().to_string()
+}
+
+/// SHA-256 hex of a refresh token: what the store keeps.
+fn token_hash(token: &str) -> String {
+    let digest = Sha256::digest(token.as_bytes());
+    digest.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+pub fn validate_username(username: &str) -> Result<(), ApiError> {
+    let ok_len = (3..=32).contains(&username.len());
+    let ok_chars = username
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'_' | b'.' | b'-'));
+    if ok_len && ok_chars {
+        Ok(())
+    } else {
+        Err(ApiError::bad_request(
+            "username: 3-32 characters of a-z, 0-9, '_', '.', '-'",
+        ))
+    }
+}
+
+impl Accounts {
+    pub fn new(store: Arc<dyn Store>, keys: JwtKeys, config: AuthConfig) -> Self {
+        let window = config.login_window.as_millis() as i64;
+        Self {
+            by_user: Mutex::new(Throttle::new(
+                config.login_max_failures,
+                window,
+                THROTTLE_MAX_KEYS,
+            )),
+            by_ip: Mutex::new(Throttle::new(
+                config.login_max_failures.saturating_mul(IP_FAILURE_FACTOR),
+                window,
+                THROTTLE_MAX_KEYS,
+            )),
+            store,
+            keys,
+            config,
+        }
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    pub async fn register(
+        &self,
+        username: &str,
+        password: &str,
+        display_name: Option<&str>,
+    ) -> Result<AuthResponse, ApiError> {
+        if !self.config.allow_registration {
+            return Err(ApiError::forbidden("registration is disabled"));
+        }
+        validate_username(username)?;
+        validate_password(password)?;
+        let display_name = match display_name.map(str::trim) {
+            Some(d) if !d.is_empty() => {
+                if d.chars().count() > MAX_DISPLAY_NAME_CHARS {
+                    return Err(ApiError::bad_request("displayName: at most 64 characters"));
+                }
+                d.to_owned()
+            }
+            _ => username.to_owned(),
+        };
+        let password = password.to_owned();
+        let hash = tokio::task::spawn_blocking(move || passwords::hash(&password))
+            .await
+            .map_err(|_| ApiError::internal())?;
+        let user = self
+            .store
+            .create_user(NewUser {
+                id: new_id(),
+                username: username.to_owned(),
+                display_name,
+                password_hash: Some(hash),
+                external_sub: None,
+                created_at: now_ms(),
+            })
+            .await
+            .map_err(|e| match e {
+                StoreError::Conflict(_) => ApiError::conflict("username is taken"),
+                other => other.into(),
+            })?;
+        self.issue_pair(&user, new_id()).await
+    }
+
+    pub async fn login(
+        &self,
+        username: &str,
+        password: &str,
+        ip: &str,
+    ) -> Result<AuthResponse, ApiError> {
+        let now = now_ms();
+        let user_key = username.to_ascii_lowercase();
+        for (throttle, key) in [(&self.by_user, user_key.as_str()), (&self.by_ip, ip)] {
+            let locked = throttle.lock().expect("throttle lock").check(key, now);
+            if let Some(retry_ms) = locked {
+                return Err(ApiError::rate_limited((retry_ms as u64).div_ceil(1000)));
+            }
+        }
+        let user = match self.store.user_by_username(&user_key).await {
+            Ok(u) => Some(u),
+            Err(StoreError::NotFound) => None,
+            Err(e) => return Err(e.into()),
+        };
+        let phc = user
+            .as_ref()
+            .and_then(|u| u.password_hash.clone())
+            .unwrap_or_else(|| passwords::dummy_hash().to_owned());
+        let password = password.to_owned();
+        let ok = tokio::task::spawn_blocking(move || passwords::verify(&password, &phc))
+            .await
+            .map_err(|_| ApiError::internal())?;
+        match user {
+            Some(user) if ok && user.password_hash.is_some() => {
+                self.by_user
+                    .lock()
+                    .expect("throttle lock")
+                    .record_success(&user_key);
+                self.issue_pair(&user, new_id()).await
+            }
+            _ => {
+                let now = now_ms();
+                self.by_user
+                    .lock()
+                    .expect("throttle lock")
+                    .record_failure(&user_key, now);
+                self.by_ip
+                    .lock()
+                    .expect("throttle lock")
+                    .record_failure(ip, now);
+                Err(ApiError::unauthorized("invalid username or password"))
+            }
+        }
+    }
+
+    pub async fn refresh(&self, refresh_token: &str) -> Result<AuthResponse, ApiError> {
+        match self
+            .store
+            .use_refresh_token(&token_hash(refresh_token), now_ms())
+            .await?
+        {
+            RefreshOutcome::Rotated { user_id, family_id } => {
+                let user = self.store.user_by_id(&user_id).await?;
+                self.issue_pair(&user, family_id).await
+            }
+            RefreshOutcome::Reused => {
+                tracing::warn!("a used refresh token was presented again; its login was revoked");
+                Err(ApiError::unauthorized(
+                    "refresh token was already used; this login has been revoked",
+                ))
+            }
+            RefreshOutcome::Invalid => Err(ApiError::unauthorized(
+                "refresh token is invalid or expired",
+            )),
+        }
+    }
+
+    /// Verifies an access token and maps it to a local user.
+    pub async fn authenticate(&self, token: &str) -> Result<Authed, ApiError> {
+        let identity = self.keys.verify(token, now_secs()).map_err(|e| match e {
+            JwtError::Expired => ApiError::unauthorized("token expired"),
+            JwtError::Invalid(_) => ApiError::unauthorized("token invalid"),
+        })?;
+        let expires_at = identity.expires_at();
+        let user_id = match identity {
+            Identity::Local { user_id, .. } => user_id,
+            Identity::External {
+                subject,
+                name,
+                preferred_username,
+                ..
+            } => {
+                self.external_user(&subject, name, preferred_username)
+                    .await?
+                    .id
+            }
+        };
+        Ok(Authed {
+            user_id,
+            expires_at,
+        })
+    }
+
+    /// The local user of an external subject, created on first sight.
+    async fn external_user(
+        &self,
+        subject: &str,
+        name: Option<String>,
+        preferred_username: Option<String>,
+    ) -> Result<UserRecord, ApiError> {
+        match self.store.user_by_external_sub(subject).await {
+            Ok(u) => return Ok(u),
+            Err(StoreError::NotFound) => {}
+            Err(e) => return Err(e.into()),
+        }
+        let base = derive_username(preferred_username.as_deref().or(name.as_deref()), subject);
+        let display = name.clone().unwrap_or_else(|| base.clone());
+        for attempt in 0..20u32 {
+            let username = if attempt == 0 {
+                base.clone()
+            } else {
+                format!("{}-{}", &base[..base.len().min(27)], attempt + 1)
+            };
+            let res = self
+                .store
+                .create_user(NewUser {
+                    id: new_id(),
+                    username,
+                    display_name: display.chars().take(MAX_DISPLAY_NAME_CHARS).collect(),
+                    password_hash: None,
+                    external_sub: Some(subject.to_owned()),
+                    created_at: now_ms(),
+                })
+                .await;
+            match res {
+                Ok(u) => return Ok(u),
+                // Either the username is taken (try the next) or a concurrent request created
+                // this very subject (then it is found below).
+                Err(StoreError::Conflict(_)) => {
+                    if let Ok(u) = self.store.user_by_external_sub(subject).await {
+                        return Ok(u);
+                    }
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(ApiError::conflict(
+            "could not find a free username for this account",
+        ))
+    }
+
+    async fn issue_pair(
+        &self,
+        user: &UserRecord,
+        family_id: String,
+    ) -> Result<AuthResponse, ApiError> {
+        let now = now_secs();
+        let ttl = self.config.access_ttl.as_secs() as i64;
+        let access_token = self.keys.issue(&user.id, &user.display_name, now, ttl);
+        let mut raw = [0u8; 32];
+        getrandom::fill(&mut raw).map_err(|_| ApiError::internal())?;
+        let refresh_token =
+            base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, raw);
+        let expires_at = now_ms() + self.config.refresh_ttl.as_millis() as i64;
+        self.store
+            .insert_refresh_token(
+                &token_hash(&refresh_token),
+                &user.id,
+                &family_id,
+                expires_at,
+                now_ms(),
+            )
+            .await?;
+        Ok(AuthResponse {
+            user: user.to_wire(false),
+            access_token,
+            refresh_token,
+            expires_in: ttl as u64,
+        })
+    }
+}
+
+fn validate_password(password: &str) -> Result<(), ApiError> {
+    if password.chars().count() < 8 {
+        return Err(ApiError::bad_request("password: at least 8 characters"));
+    }
+    if password.len() > MAX_PASSWORD_BYTES {
+        return Err(ApiError::bad_request("password: at most 1024 bytes"));
+    }
+    Ok(())
+}
+
+/// A valid username from an external name, falling back to a hash of the subject.
+fn derive_username(hint: Option<&str>, subject: &str) -> String {
+    let cleaned: String = hint
+        .unwrap_or("")
+        .to_lowercase()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_lowercase() || c.is_ascii_digit() || "_.-".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(28)
+        .collect();
+    if cleaned.len() >= 3 && validate_username(&cleaned).is_ok() {
+        cleaned
+    } else {
+        format!("user-{}", &token_hash(subject)[..10])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn usernames() {
+        assert!(validate_username("alice").is_ok());
+        assert!(validate_username("a.b-c_9").is_ok());
+        assert!(validate_username("ab").is_err());
+        assert!(validate_username("Alice").is_err());
+        assert!(validate_username(&"a".repeat(33)).is_err());
+    }
+
+    #[test]
+    fn derived_usernames_are_valid() {
+        assert_eq!(derive_username(Some("Bob Smith"), "x"), "bob_smith");
+        let fallback = derive_username(None, "iss|sub");
+        assert!(validate_username(&fallback).is_ok(), "{fallback}");
+        assert!(validate_username(&derive_username(Some("Ωμέγα"), "s")).is_ok());
+    }
+}

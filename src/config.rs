@@ -1,0 +1,551 @@
+//! Configuration: one serde tree loaded from defaults, an optional TOML file and
+//! `SWITCHBOARD_<SECTION>__<KEY>` environment variables (in that order of precedence).
+//!
+//! Every section denies unknown keys so a typo fails at start naming the key. Secrets may be
+//! given inline or as `<key>_file`; [`Config::resolve_secrets`] reads the files. This module does
+//! no network I/O and starts nothing.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+
+/// Prefix of the environment overrides (`SWITCHBOARD_HTTP__LISTEN`).
+pub const ENV_PREFIX: &str = "SWITCHBOARD_";
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// SQLite file and generated secrets live here.
+    pub data_dir: PathBuf,
+    pub http: HttpConfig,
+    pub database: DatabaseConfig,
+    pub auth: AuthConfig,
+    pub turn: TurnConfig,
+    pub calls: CallsConfig,
+    pub ws: WsConfig,
+    pub presence: PresenceConfig,
+    pub chat: ChatConfig,
+    pub cluster: ClusterConfig,
+    pub log: LogConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("./data"),
+            http: HttpConfig::default(),
+            database: DatabaseConfig::default(),
+            auth: AuthConfig::default(),
+            turn: TurnConfig::default(),
+            calls: CallsConfig::default(),
+            ws: WsConfig::default(),
+            presence: PresenceConfig::default(),
+            chat: ChatConfig::default(),
+            cluster: ClusterConfig::default(),
+            log: LogConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    pub listen: SocketAddr,
+    pub tls_cert_file: Option<PathBuf>,
+    pub tls_key_file: Option<PathBuf>,
+    /// Largest accepted REST request body.
+    pub max_body_bytes: usize,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8080".parse().expect("literal address"),
+            tls_cert_file: None,
+            tls_key_file: None,
+            max_body_bytes: 256 * 1024,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseConfig {
+    /// Empty: SQLite in `data_dir`. `sqlite://path` is accepted too.
+    pub url: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// HS256 secret for our own tokens; empty: generated into `data_dir/jwt_secret`.
+    pub jwt_secret: String,
+    pub jwt_secret_file: Option<PathBuf>,
+    #[serde(with = "humantime_serde")]
+    pub access_ttl: Duration,
+    #[serde(with = "humantime_serde")]
+    pub refresh_ttl: Duration,
+    pub allow_registration: bool,
+    /// External identity provider: expected `iss` of its tokens. Empty: none trusted.
+    pub issuer: String,
+    /// Expected `aud` of external tokens (checked when set).
+    pub audience: String,
+    /// PEM public key (RSA → RS256, EC P-256 → ES256) of the external issuer.
+    pub jwt_public_key_file: Option<PathBuf>,
+    /// HS256 shared secret of the external issuer (instead of a public key).
+    pub issuer_secret: String,
+    pub issuer_secret_file: Option<PathBuf>,
+    /// Failed logins allowed per username (and per client IP, times 4) within `login_window`.
+    pub login_max_failures: u32,
+    #[serde(with = "humantime_serde")]
+    pub login_window: Duration,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            jwt_secret: String::new(),
+            jwt_secret_file: None,
+            access_ttl: Duration::from_secs(15 * 60),
+            refresh_ttl: Duration::from_secs(30 * 24 * 3600),
+            allow_registration: true,
+            issuer: String::new(),
+            audience: String::new(),
+            jwt_public_key_file: None,
+            issuer_secret: String::new(),
+            issuer_secret_file: None,
+            login_max_failures: 5,
+            login_window: Duration::from_secs(15 * 60),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TurnConfig {
+    pub enabled: bool,
+    pub listen_udp: String,
+    pub listen_tcp: String,
+    pub listen_tls: String,
+    pub public_host: String,
+    pub public_ip: String,
+    pub realm: String,
+    pub secret: String,
+    pub secret_file: Option<PathBuf>,
+    pub previous_secret: String,
+    pub previous_secret_file: Option<PathBuf>,
+    #[serde(with = "humantime_serde")]
+    pub credential_ttl: Duration,
+    #[serde(with = "humantime_serde")]
+    pub max_allocation_lifetime: Duration,
+    pub relay_ports: String,
+    pub allow_peers: Vec<String>,
+    pub deny_peers: Vec<String>,
+    pub user_quota: u32,
+    pub total_quota: u32,
+}
+
+impl Default for TurnConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            listen_udp: "0.0.0.0:3478".into(),
+            listen_tcp: String::new(),
+            listen_tls: String::new(),
+            public_host: String::new(),
+            public_ip: String::new(),
+            realm: "switchboard".into(),
+            secret: String::new(),
+            secret_file: None,
+            previous_secret: String::new(),
+            previous_secret_file: None,
+            credential_ttl: Duration::from_secs(24 * 3600),
+            max_allocation_lifetime: Duration::from_secs(24 * 3600),
+            relay_ports: "49152-65535".into(),
+            allow_peers: Vec::new(),
+            deny_peers: Vec::new(),
+            user_quota: 12,
+            total_quota: 1000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CallsConfig {
+    #[serde(with = "humantime_serde")]
+    pub ring_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub reconnect_grace: Duration,
+}
+
+impl Default for CallsConfig {
+    fn default() -> Self {
+        Self {
+            ring_timeout: Duration::from_secs(30),
+            reconnect_grace: Duration::from_secs(15),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WsConfig {
+    #[serde(with = "humantime_serde")]
+    pub heartbeat_interval: Duration,
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    pub max_frame_bytes: usize,
+    /// Frames queued for one connection before it is closed with 4429.
+    pub send_queue: usize,
+    /// Inbound events per second allowed per connection (burst: twice that); 0 disables.
+    pub rate_limit: u32,
+}
+
+impl Default for WsConfig {
+    fn default() -> Self {
+        Self {
+            heartbeat_interval: Duration::from_secs(25),
+            idle_timeout: Duration::from_secs(60),
+            max_frame_bytes: 65536,
+            send_queue: 256,
+            rate_limit: 50,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PresenceConfig {
+    #[serde(with = "humantime_serde")]
+    pub offline_grace: Duration,
+    /// A `typing-start` not refreshed within this ends by itself.
+    #[serde(with = "humantime_serde")]
+    pub typing_timeout: Duration,
+}
+
+impl Default for PresenceConfig {
+    fn default() -> Self {
+        Self {
+            offline_grace: Duration::from_secs(5),
+            typing_timeout: Duration::from_secs(6),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ChatConfig {
+    /// Longest message content, in Unicode scalar values.
+    pub max_content_chars: usize,
+    /// Most participants in a group chat.
+    pub max_participants: usize,
+}
+
+impl Default for ChatConfig {
+    fn default() -> Self {
+        Self {
+            max_content_chars: 4000,
+            max_participants: 256,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// Empty: single node.
+    pub redis_url: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    pub level: String,
+    pub format: LogFormat,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            level: "info".into(),
+            format: LogFormat::Human,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{0}")]
+    Parse(String),
+    #[error("invalid value for `{key}`: {reason}")]
+    Invalid { key: &'static str, reason: String },
+    #[error("cannot read `{key}` from {path}: {source}")]
+    SecretFile {
+        key: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+impl Config {
+    /// Defaults, then `file` (if any), then the environment.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        Self::load_from(file, Env::prefixed(ENV_PREFIX).split("__"))
+    }
+
+    fn load_from(file: Option<&Path>, env: Env) -> Result<Self, ConfigError> {
+        let mut fig = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(path) = file {
+            if !path.exists() {
+                return Err(ConfigError::Parse(format!(
+                    "config file {} does not exist",
+                    path.display()
+                )));
+            }
+            fig = fig.merge(Toml::file_exact(path));
+        }
+        let config: Config = fig
+            .merge(env)
+            .extract()
+            .map_err(|e| ConfigError::Parse(describe_figment_error(e)))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks what serde cannot: ranges and combinations.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        fn bad(key: &'static str, reason: impl Into<String>) -> ConfigError {
+            ConfigError::Invalid {
+                key,
+                reason: reason.into(),
+            }
+        }
+        if self.ws.max_frame_bytes < 1024 {
+            return Err(bad("ws.max_frame_bytes", "must be at least 1024"));
+        }
+        if self.ws.send_queue == 0 {
+            return Err(bad("ws.send_queue", "must be at least 1"));
+        }
+        if self.ws.heartbeat_interval.is_zero() {
+            return Err(bad("ws.heartbeat_interval", "must be positive"));
+        }
+        if self.ws.idle_timeout <= self.ws.heartbeat_interval {
+            return Err(bad(
+                "ws.idle_timeout",
+                "must be longer than ws.heartbeat_interval",
+            ));
+        }
+        if self.auth.access_ttl < Duration::from_secs(10) {
+            return Err(bad("auth.access_ttl", "must be at least 10s"));
+        }
+        if self.auth.refresh_ttl < self.auth.access_ttl {
+            return Err(bad("auth.refresh_ttl", "must be at least auth.access_ttl"));
+        }
+        if self.auth.jwt_public_key_file.is_some() && self.auth.issuer.is_empty() {
+            return Err(bad(
+                "auth.issuer",
+                "must be set when auth.jwt_public_key_file is set",
+            ));
+        }
+        if !self.auth.issuer.is_empty()
+            && self.auth.jwt_public_key_file.is_none()
+            && self.auth.issuer_secret.is_empty()
+            && self.auth.issuer_secret_file.is_none()
+        {
+            return Err(bad(
+                "auth.issuer",
+                "needs auth.jwt_public_key_file or auth.issuer_secret",
+            ));
+        }
+        if self.chat.max_content_chars == 0 {
+            return Err(bad("chat.max_content_chars", "must be at least 1"));
+        }
+        if self.chat.max_participants < 2 {
+            return Err(bad("chat.max_participants", "must be at least 2"));
+        }
+        if !self.database.url.is_empty() && !self.database.url.starts_with("sqlite:") {
+            return Err(bad(
+                "database.url",
+                "only sqlite: URLs (or empty for the default) are supported by this build",
+            ));
+        }
+        if !self.cluster.redis_url.is_empty() {
+            return Err(bad(
+                "cluster.redis_url",
+                "clustering is not available in this build yet; leave it empty",
+            ));
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+            return Err(bad("log.level", "not a valid level or filter directive"));
+        }
+        if self.presence.typing_timeout.is_zero() {
+            return Err(bad("presence.typing_timeout", "must be positive"));
+        }
+        Ok(())
+    }
+
+    /// Replaces every `*_file` secret by the file's contents (trimmed).
+    pub fn resolve_secrets(&mut self) -> Result<(), ConfigError> {
+        fn read(
+            key: &'static str,
+            file: &Option<PathBuf>,
+            target: &mut String,
+        ) -> Result<(), ConfigError> {
+            if let Some(path) = file {
+                let text =
+                    std::fs::read_to_string(path).map_err(|source| ConfigError::SecretFile {
+                        key,
+                        path: path.clone(),
+                        source,
+                    })?;
+                *target = text.trim().to_owned();
+            }
+            Ok(())
+        }
+        read(
+            "auth.jwt_secret_file",
+            &self.auth.jwt_secret_file,
+            &mut self.auth.jwt_secret,
+        )?;
+        read(
+            "auth.issuer_secret_file",
+            &self.auth.issuer_secret_file,
+            &mut self.auth.issuer_secret,
+        )?;
+        read(
+            "turn.secret_file",
+            &self.turn.secret_file,
+            &mut self.turn.secret,
+        )?;
+        read(
+            "turn.previous_secret_file",
+            &self.turn.previous_secret_file,
+            &mut self.turn.previous_secret,
+        )?;
+        Ok(())
+    }
+
+    /// The SQLite database path this config points at.
+    pub fn sqlite_path(&self) -> PathBuf {
+        let url = self.database.url.trim();
+        match url
+            .strip_prefix("sqlite://")
+            .or(url.strip_prefix("sqlite:"))
+        {
+            Some(path) if !path.is_empty() => PathBuf::from(path),
+            _ => self.data_dir.join("switchboard.db"),
+        }
+    }
+}
+
+/// Figment's errors name the key path and the source; make that one readable line each.
+fn describe_figment_error(e: figment::Error) -> String {
+    e.into_iter()
+        .map(|err| {
+            let key = err.path.join(".");
+            let origin = err
+                .metadata
+                .as_ref()
+                .map(|m| format!(" (from {})", m.name))
+                .unwrap_or_default();
+            if key.is_empty() {
+                format!("config error: {}{origin}", err.kind)
+            } else {
+                format!("config error at `{key}`: {}{origin}", err.kind)
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load_toml(text: &str) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, text).unwrap();
+        Config::load_from(Some(&path), Env::prefixed("SWITCHBOARD_TEST_UNUSED_"))
+    }
+
+    #[test]
+    fn defaults_match_the_protocol() {
+        let c = Config::default();
+        c.validate().unwrap();
+        assert_eq!(c.http.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.ws.max_frame_bytes, 65536);
+        assert_eq!(c.ws.send_queue, 256);
+        assert_eq!(c.ws.heartbeat_interval, Duration::from_secs(25));
+        assert_eq!(c.ws.idle_timeout, Duration::from_secs(60));
+        assert_eq!(c.presence.offline_grace, Duration::from_secs(5));
+        assert_eq!(c.auth.access_ttl, Duration::from_secs(900));
+        assert_eq!(c.turn.listen_udp, "0.0.0.0:3478");
+        assert_eq!(c.calls.ring_timeout, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn durations_parse_humantime() {
+        let c = load_toml("[ws]\nheartbeat_interval = \"5s\"\nidle_timeout = \"1m\"\n").unwrap();
+        assert_eq!(c.ws.heartbeat_interval, Duration::from_secs(5));
+        assert_eq!(c.ws.idle_timeout, Duration::from_secs(60));
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = load_toml("[ws]\nheartbeat = \"5s\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("heartbeat"), "{err}");
+        let err = load_toml("[wss]\nx = 1\n").unwrap_err().to_string();
+        assert!(err.contains("wss"), "{err}");
+    }
+
+    #[test]
+    fn invalid_value_is_named() {
+        let err = load_toml("[ws]\nsend_queue = 0\n").unwrap_err().to_string();
+        assert!(err.contains("ws.send_queue"), "{err}");
+        let err = load_toml("[http]\nlisten = \"nope\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("http.listen"), "{err}");
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)] // figment::Jail's closure signature
+    fn env_overrides_nest_with_double_underscore() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("SWITCHBOARD_HTTP__LISTEN", "127.0.0.1:9999");
+            jail.set_env("SWITCHBOARD_DATA_DIR", "/tmp/sbdata");
+            jail.set_env("SWITCHBOARD_WS__IDLE_TIMEOUT", "90s");
+            let c = Config::load(None).expect("loads");
+            assert_eq!(c.http.listen.to_string(), "127.0.0.1:9999");
+            assert_eq!(c.data_dir, PathBuf::from("/tmp/sbdata"));
+            assert_eq!(c.ws.idle_timeout, Duration::from_secs(90));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn secret_files_are_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("s");
+        std::fs::write(&secret, "topsecret\n").unwrap();
+        let mut c = Config::default();
+        c.auth.jwt_secret_file = Some(secret);
+        c.resolve_secrets().unwrap();
+        assert_eq!(c.auth.jwt_secret, "topsecret");
+    }
+}

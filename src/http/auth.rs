@@ -1,0 +1,78 @@
+//! `/api/auth/*` and `/api/me`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::extract::{ConnectInfo, State};
+use axum::http::StatusCode;
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::extract::{ApiJson, AuthUser};
+use crate::app::AppState;
+use crate::auth::AuthResponse;
+use crate::error::ApiError;
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RegisterBody {
+    username: String,
+    password: String,
+    #[serde(default)]
+    display_name: Option<String>,
+}
+
+#[derive(Deserialize)]
+pub struct LoginBody {
+    username: String,
+    password: String,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RefreshBody {
+    refresh_token: String,
+}
+
+pub async fn register(
+    State(state): State<Arc<AppState>>,
+    ApiJson(body): ApiJson<RegisterBody>,
+) -> Result<(StatusCode, Json<AuthResponse>), ApiError> {
+    let resp = state
+        .accounts
+        .register(&body.username, &body.password, body.display_name.as_deref())
+        .await?;
+    Ok((StatusCode::CREATED, Json(resp)))
+}
+
+pub async fn login(
+    State(state): State<Arc<AppState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    ApiJson(body): ApiJson<LoginBody>,
+) -> Result<Json<AuthResponse>, ApiError> {
+    let ip = peer.ip().to_string();
+    Ok(Json(
+        state
+            .accounts
+            .login(&body.username, &body.password, &ip)
+            .await?,
+    ))
+}
+
+pub async fn refresh(
+    State(state): State<Arc<AppState>>,
+    ApiJson(body): ApiJson<RefreshBody>,
+) -> Result<Json<AuthResponse>, ApiError> {
+    Ok(Json(state.accounts.refresh(&body.refresh_token).await?))
+}
+
+pub async fn me(
+    State(state): State<Arc<AppState>>,
+    AuthUser(me): AuthUser,
+) -> Result<Json<Value>, ApiError> {
+    let user = state.node.store.user_by_id(&me.user_id).await?;
+    Ok(Json(
+        json!({ "user": user.to_wire(state.node.is_online(&user.id)) }),
+    ))
+}

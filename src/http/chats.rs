@@ -1,0 +1,151 @@
+//! `/api/users`, `/api/chats`, `/api/chats/{id}/messages`.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::extract::{ApiJson, AuthUser};
+use crate::app::AppState;
+use crate::error::ApiError;
+use crate::store::{with_status, ChatKind, NewChat, Page, StoreError};
+use crate::time::now_ms;
+
+const DEFAULT_LIMIT: i64 = 50;
+const MAX_LIMIT: i64 = 200;
+const MAX_TITLE_CHARS: usize = 128;
+
+pub async fn users(
+    State(state): State<Arc<AppState>>,
+    AuthUser(_): AuthUser,
+) -> Result<Json<Value>, ApiError> {
+    let users: Vec<_> = state
+        .node
+        .store
+        .list_users()
+        .await?
+        .iter()
+        .map(|u| u.to_wire(state.node.is_online(&u.id)))
+        .collect();
+    Ok(Json(json!({ "users": users })))
+}
+
+pub async fn list(
+    State(state): State<Arc<AppState>>,
+    AuthUser(me): AuthUser,
+) -> Result<Json<Value>, ApiError> {
+    let chats = state.node.store.chats_of(&me.user_id).await?;
+    Ok(Json(json!({ "chats": chats })))
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CreateChat {
+    participant_ids: Vec<String>,
+    #[serde(default)]
+    title: Option<String>,
+}
+
+pub async fn create(
+    State(state): State<Arc<AppState>>,
+    AuthUser(me): AuthUser,
+    ApiJson(body): ApiJson<CreateChat>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let mut ids = vec![me.user_id.clone()];
+    for id in body.participant_ids {
+        if !ids.contains(&id) {
+            ids.push(id);
+        }
+    }
+    if ids.len() < 2 {
+        return Err(ApiError::bad_request(
+            "participantIds: name at least one other user",
+        ));
+    }
+    if ids.len() > state.config.chat.max_participants {
+        return Err(ApiError::bad_request(format!(
+            "participantIds: at most {} participants",
+            state.config.chat.max_participants
+        )));
+    }
+    let title = body
+        .title
+        .map(|t| t.trim().to_owned())
+        .filter(|t| !t.is_empty());
+    if title
+        .as_ref()
+        .is_some_and(|t| t.chars().count() > MAX_TITLE_CHARS)
+    {
+        return Err(ApiError::bad_request("title: at most 128 characters"));
+    }
+    let kind = if ids.len() == 2 && title.is_none() {
+        ChatKind::Direct
+    } else {
+        ChatKind::Group
+    };
+    let (chat, created) = state
+        .node
+        .store
+        .create_chat(NewChat {
+            id: uuid::Uuid::now_v7().to_string(),
+            kind,
+            title,
+            participant_ids: ids,
+            created_at: now_ms(),
+        })
+        .await
+        .map_err(|e| match e {
+            StoreError::NotFound => ApiError::not_found("participant not found"),
+            other => other.into(),
+        })?;
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(json!({ "chat": chat }))))
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HistoryQuery {
+    before_seq: Option<i64>,
+    after_seq: Option<i64>,
+    limit: Option<i64>,
+}
+
+pub async fn messages(
+    State(state): State<Arc<AppState>>,
+    AuthUser(me): AuthUser,
+    Path(chat_id): Path<String>,
+    query: Result<Query<HistoryQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Query(q) =
+        query.map_err(|e| ApiError::bad_request(format!("invalid query: {}", e.body_text())))?;
+    let store = &state.node.store;
+    let members = store.members(&chat_id).await?;
+    if members.is_empty() {
+        return Err(ApiError::not_found("chat not found"));
+    }
+    if !members.iter().any(|m| m.user_id == me.user_id) {
+        return Err(ApiError::forbidden("not a participant of this chat"));
+    }
+    let limit = q.limit.unwrap_or(DEFAULT_LIMIT).clamp(1, MAX_LIMIT);
+    let page = match (q.before_seq, q.after_seq) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::bad_request(
+                "give beforeSeq or afterSeq, not both",
+            ))
+        }
+        (Some(seq), None) => Page::Before { seq, limit },
+        (None, Some(seq)) => Page::After { seq, limit },
+        (None, None) => Page::Latest { limit },
+    };
+    let (msgs, has_more) = store.messages(&chat_id, page).await?;
+    Ok(Json(
+        json!({ "messages": with_status(&msgs, &members), "hasMore": has_more }),
+    ))
+}

@@ -1,0 +1,239 @@
+//! Node-local sessions and fan-out. The [`Hub`] knows every live connection of this node, which
+//! chats each has open, and its bounded send queue. Every publish goes through a [`Broker`]
+//! (in memory on one node), so single-node tests exercise the same path a cluster would.
+//!
+//! A connection whose queue is full is not waited for: it is cancelled (closed with 4429 by its
+//! session), so one slow reader never holds up the others or grows memory without bound.
+
+pub mod broker;
+pub mod node;
+pub mod presence;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+pub use broker::{Broker, MemoryBroker};
+
+/// A frame on its way to one connection. The JSON text is shared between recipients.
+#[derive(Debug, Clone)]
+pub struct Outbound {
+    pub text: Arc<str>,
+    /// Set on `message` pushes: writing it to a connection marks it delivered for that user.
+    pub delivery: Option<Delivery>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivery {
+    pub chat_id: Arc<str>,
+    pub seq: i64,
+    pub sender_id: Arc<str>,
+}
+
+impl Outbound {
+    pub fn frame(text: impl Into<Arc<str>>) -> Self {
+        Self {
+            text: text.into(),
+            delivery: None,
+        }
+    }
+}
+
+/// Who a publish is for.
+#[derive(Debug, Clone)]
+pub struct Envelope {
+    pub users: Vec<String>,
+    /// Only connections that have this chat open (typing events).
+    pub only_open_chat: Option<String>,
+    /// Not to this connection (e.g. the one that caused it).
+    pub except_conn: Option<u64>,
+    pub out: Outbound,
+}
+
+struct Conn {
+    tx: mpsc::Sender<Outbound>,
+    kill: CancellationToken,
+    open_chats: HashSet<String>,
+}
+
+/// What a session gets when it registers.
+pub struct Registration {
+    pub conn_id: u64,
+    pub rx: mpsc::Receiver<Outbound>,
+    /// Cancelled when the send queue overflowed.
+    pub kill: CancellationToken,
+}
+
+pub struct Hub {
+    queue_len: usize,
+    next_id: AtomicU64,
+    conns: Mutex<HashMap<String, HashMap<u64, Conn>>>,
+    overflows: AtomicU64,
+}
+
+impl Hub {
+    pub fn new(queue_len: usize) -> Self {
+        Self {
+            queue_len,
+            next_id: AtomicU64::new(1),
+            conns: Mutex::new(HashMap::new()),
+            overflows: AtomicU64::new(0),
+        }
+    }
+
+    pub fn register(&self, user_id: &str) -> Registration {
+        let conn_id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::channel(self.queue_len);
+        let kill = CancellationToken::new();
+        self.conns
+            .lock()
+            .expect("hub lock")
+            .entry(user_id.to_owned())
+            .or_default()
+            .insert(
+                conn_id,
+                Conn {
+                    tx,
+                    kill: kill.clone(),
+                    open_chats: HashSet::new(),
+                },
+            );
+        Registration { conn_id, rx, kill }
+    }
+
+    pub fn unregister(&self, user_id: &str, conn_id: u64) {
+        let mut conns = self.conns.lock().expect("hub lock");
+        if let Some(user) = conns.get_mut(user_id) {
+            user.remove(&conn_id);
+            if user.is_empty() {
+                conns.remove(user_id);
+            }
+        }
+    }
+
+    pub fn set_chat_open(&self, user_id: &str, conn_id: u64, chat_id: &str, open: bool) {
+        let mut conns = self.conns.lock().expect("hub lock");
+        if let Some(conn) = conns.get_mut(user_id).and_then(|u| u.get_mut(&conn_id)) {
+            if open {
+                conn.open_chats.insert(chat_id.to_owned());
+            } else {
+                conn.open_chats.remove(chat_id);
+            }
+        }
+    }
+
+    /// Whether `user_id` has a live connection on this node.
+    pub fn is_connected(&self, user_id: &str) -> bool {
+        self.conns.lock().expect("hub lock").contains_key(user_id)
+    }
+
+    pub fn connection_count(&self) -> usize {
+        self.conns
+            .lock()
+            .expect("hub lock")
+            .values()
+            .map(HashMap::len)
+            .sum()
+    }
+
+    /// Times a connection was cut because its queue was full.
+    pub fn overflow_count(&self) -> u64 {
+        self.overflows.load(Ordering::Relaxed)
+    }
+
+    /// Queues the envelope on every matching local connection, never waiting.
+    pub fn deliver_local(&self, env: &Envelope) {
+        let conns = self.conns.lock().expect("hub lock");
+        for user in &env.users {
+            let Some(user_conns) = conns.get(user) else {
+                continue;
+            };
+            for (id, conn) in user_conns {
+                if env.except_conn == Some(*id) {
+                    continue;
+                }
+                if let Some(chat) = &env.only_open_chat {
+                    if !conn.open_chats.contains(chat) {
+                        continue;
+                    }
+                }
+                match conn.tx.try_send(env.out.clone()) {
+                    Ok(()) => {}
+                    Err(mpsc::error::TrySendError::Full(_)) => {
+                        if !conn.kill.is_cancelled() {
+                            self.overflows.fetch_add(1, Ordering::Relaxed);
+                            tracing::info!(conn_id = id, "send queue full; closing with 4429");
+                            conn.kill.cancel();
+                        }
+                    }
+                    // The session is already gone; it unregisters itself.
+                    Err(mpsc::error::TrySendError::Closed(_)) => {}
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(users: &[&str], text: &str) -> Envelope {
+        Envelope {
+            users: users.iter().map(|u| u.to_string()).collect(),
+            only_open_chat: None,
+            except_conn: None,
+            out: Outbound::frame(text),
+        }
+    }
+
+    #[test]
+    fn delivers_to_every_connection_of_each_user() {
+        let hub = Hub::new(4);
+        let mut a1 = hub.register("a");
+        let mut a2 = hub.register("a");
+        let mut b = hub.register("b");
+        hub.deliver_local(&env(&["a"], "x"));
+        assert_eq!(&*a1.rx.try_recv().unwrap().text, "x");
+        assert_eq!(&*a2.rx.try_recv().unwrap().text, "x");
+        assert!(b.rx.try_recv().is_err());
+    }
+
+    #[test]
+    fn open_chat_filter_and_exception() {
+        let hub = Hub::new(4);
+        let mut a1 = hub.register("a");
+        let mut a2 = hub.register("a");
+        hub.set_chat_open("a", a1.conn_id, "c", true);
+        let mut e = env(&["a"], "t");
+        e.only_open_chat = Some("c".into());
+        hub.deliver_local(&e);
+        assert!(a1.rx.try_recv().is_ok());
+        assert!(a2.rx.try_recv().is_err());
+        let mut e = env(&["a"], "t");
+        e.except_conn = Some(a1.conn_id);
+        hub.deliver_local(&e);
+        assert!(a1.rx.try_recv().is_err());
+        assert!(a2.rx.try_recv().is_ok());
+    }
+
+    #[test]
+    fn overflow_cancels_only_the_slow_connection() {
+        let hub = Hub::new(2);
+        let slow = hub.register("a");
+        let mut fast = hub.register("b");
+        for i in 0..3 {
+            hub.deliver_local(&env(&["a", "b"], &i.to_string()));
+            fast.rx.try_recv().unwrap();
+        }
+        assert!(slow.kill.is_cancelled());
+        assert!(!fast.kill.is_cancelled());
+        assert_eq!(hub.overflow_count(), 1);
+        hub.unregister("a", slow.conn_id);
+        assert!(!hub.is_connected("a"));
+        assert!(hub.is_connected("b"));
+    }
+}

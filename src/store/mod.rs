@@ -1,0 +1,143 @@
+//! Persistence behind the [`Store`] trait: users, refresh tokens, chats, messages and the
+//! per-user delivered/read cursors. Backends: [`sqlite`] (default). Must not import the hub, the
+//! WebSocket or HTTP layers.
+//!
+//! Invariants every backend keeps:
+//! - a message's `seq` is per chat, starts at 1 and has no gaps: it is taken from `chats.last_seq`
+//!   inside the same write transaction that inserts the message;
+//! - a method returns only after its transaction committed (callers acknowledge after that);
+//! - `(sender, client_msg_id)` is unique: a retry returns the stored message with `created: false`.
+
+pub mod models;
+pub mod sqlite;
+
+use async_trait::async_trait;
+
+pub use models::*;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("not found")]
+    NotFound,
+    #[error("conflict: {0}")]
+    Conflict(&'static str),
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("migration error: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// A message to insert (the store assigns `seq`).
+#[derive(Debug, Clone)]
+pub struct NewMessage {
+    pub id: String,
+    pub chat_id: String,
+    pub sender_id: String,
+    pub content: String,
+    pub client_msg_id: Option<String>,
+    pub forwarded_from: Option<ForwardedFrom>,
+    pub created_at: i64,
+}
+
+/// Outcome of presenting a refresh token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RefreshOutcome {
+    /// Valid and now consumed; issue a new pair in the same family.
+    Rotated { user_id: String, family_id: String },
+    /// Already used: the whole family has been revoked.
+    Reused,
+    /// Unknown or expired.
+    Invalid,
+}
+
+/// Which per-user cursor moves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CursorKind {
+    Delivered,
+    Read,
+}
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Cheap round trip for readiness checks.
+    async fn ping(&self) -> StoreResult<()>;
+
+    // --- users
+    async fn create_user(&self, user: NewUser) -> StoreResult<UserRecord>;
+    async fn user_by_id(&self, id: &str) -> StoreResult<UserRecord>;
+    async fn user_by_username(&self, username: &str) -> StoreResult<UserRecord>;
+    async fn user_by_external_sub(&self, sub: &str) -> StoreResult<UserRecord>;
+    async fn list_users(&self) -> StoreResult<Vec<UserRecord>>;
+    async fn set_last_seen(&self, user_id: &str, at: i64) -> StoreResult<()>;
+    /// Users sharing at least one chat with `user_id` (excluding itself).
+    async fn contacts_of(&self, user_id: &str) -> StoreResult<Vec<String>>;
+
+    // --- refresh tokens
+    async fn insert_refresh_token(
+        &self,
+        token_hash: &str,
+        user_id: &str,
+        family_id: &str,
+        expires_at: i64,
+        now: i64,
+    ) -> StoreResult<()>;
+    async fn use_refresh_token(&self, token_hash: &str, now: i64) -> StoreResult<RefreshOutcome>;
+
+    // --- chats
+    /// Creates a chat with the given participants (all must exist: `NotFound` otherwise).
+    /// For `direct` chats, returns the existing one (`created == false`) when there is one.
+    async fn create_chat(&self, chat: NewChat) -> StoreResult<(Chat, bool)>;
+    async fn chat(&self, chat_id: &str) -> StoreResult<Chat>;
+    async fn chats_of(&self, user_id: &str) -> StoreResult<Vec<ChatSummary>>;
+    async fn is_member(&self, chat_id: &str, user_id: &str) -> StoreResult<bool>;
+    async fn members(&self, chat_id: &str) -> StoreResult<Vec<Member>>;
+
+    // --- messages
+    /// Inserts the messages in order, in one transaction, with consecutive seqs. A message whose
+    /// `(sender, client_msg_id)` exists is not inserted; the stored one is returned with
+    /// `created == false`.
+    async fn insert_messages(
+        &self,
+        msgs: Vec<NewMessage>,
+    ) -> StoreResult<Vec<(MessageRecord, bool)>>;
+    async fn message(&self, id: &str) -> StoreResult<MessageRecord>;
+    async fn messages(&self, chat_id: &str, page: Page) -> StoreResult<(Vec<MessageRecord>, bool)>;
+    async fn pinned(&self, chat_id: &str) -> StoreResult<Vec<MessageRecord>>;
+    /// Sets the pinned flag; returns the message and whether it changed.
+    async fn set_pinned(&self, id: &str, pinned: bool) -> StoreResult<(MessageRecord, bool)>;
+
+    // --- cursors
+    /// Moves the cursors forward (never back). A `Read` cursor also moves `Delivered`.
+    /// Returns, for every sender whose messages changed status, the highest such message and
+    /// its new status.
+    async fn advance_cursors(&self, updates: Vec<CursorUpdate>) -> StoreResult<Vec<StatusChange>>;
+}
+
+/// One cursor move.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CursorUpdate {
+    pub chat_id: String,
+    pub user_id: String,
+    pub kind: CursorKind,
+    pub seq: i64,
+}
+
+/// A sender's message whose status changed (cumulative for lower seqs of that sender).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StatusChange {
+    pub sender_id: String,
+    pub chat_id: String,
+    pub message_id: String,
+    pub seq: i64,
+    pub status: MessageStatus,
+}
+
+/// A page request on a chat's history.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Page {
+    Latest { limit: i64 },
+    Before { seq: i64, limit: i64 },
+    After { seq: i64, limit: i64 },
+}

@@ -1,0 +1,692 @@
+//! SQLite backend: WAL journal, `synchronous = FULL` (a committed message survives power loss,
+//! not only a process crash), one writer connection (SQLite serialises writers anyway; one
+//! connection avoids busy-retry storms) and a small pool of readers.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
+    SqliteSynchronous,
+};
+use sqlx::{Row, Sqlite, Transaction};
+
+use super::*;
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+
+pub struct SqliteStore {
+    writer: SqlitePool,
+    reader: SqlitePool,
+}
+
+const MESSAGE_COLUMNS: &str = "id, chat_id, seq, sender_id, content, client_msg_id, created_at, \
+     pinned, fwd_message_id, fwd_chat_id, fwd_sender_id";
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database file and runs the embedded migrations.
+    pub async fn open(path: &Path) -> StoreResult<Self> {
+        let options = SqliteConnectOptions::from_str("sqlite://")?
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .foreign_keys(true)
+            .busy_timeout(Duration::from_secs(10));
+        let writer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(options.clone())
+            .await?;
+        MIGRATOR.run(&writer).await?;
+        let reader = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(options.read_only(true))
+            .await?;
+        Ok(Self { writer, reader })
+    }
+
+    /// Closes both pools, waiting for in-flight queries.
+    pub async fn close(&self) {
+        self.writer.close().await;
+        self.reader.close().await;
+    }
+
+    async fn members_in<'e, E>(exec: E, chat_id: &str) -> StoreResult<Vec<Member>>
+    where
+        E: sqlx::Executor<'e, Database = Sqlite>,
+    {
+        let rows = sqlx::query(
+            "SELECT user_id, delivered_seq, read_seq FROM chat_members WHERE chat_id = ? \
+             ORDER BY position",
+        )
+        .bind(chat_id)
+        .fetch_all(exec)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|r| Member {
+                user_id: r.get(0),
+                delivered_seq: r.get(1),
+                read_seq: r.get(2),
+            })
+            .collect())
+    }
+
+    async fn chat_in<'e, E>(
+        exec: E,
+        chat_id: &str,
+    ) -> StoreResult<Option<(String, Option<String>, i64, i64)>>
+    where
+        E: sqlx::Executor<'e, Database = Sqlite>,
+    {
+        let row = sqlx::query("SELECT kind, title, last_seq, created_at FROM chats WHERE id = ?")
+            .bind(chat_id)
+            .fetch_optional(exec)
+            .await?;
+        Ok(row.map(|r| (r.get(0), r.get(1), r.get(2), r.get(3))))
+    }
+
+    async fn load_chat(&self, chat_id: &str) -> StoreResult<Chat> {
+        let (kind, title, last_seq, created_at) = Self::chat_in(&self.reader, chat_id)
+            .await?
+            .ok_or(StoreError::NotFound)?;
+        let members = Self::members_in(&self.reader, chat_id).await?;
+        Ok(make_chat(
+            chat_id, &kind, title, last_seq, created_at, &members,
+        ))
+    }
+
+    /// One message in the transaction: dedupe, take the next seq, insert.
+    async fn insert_one(
+        tx: &mut Transaction<'_, Sqlite>,
+        msg: NewMessage,
+    ) -> StoreResult<(MessageRecord, bool)> {
+        if let Some(cid) = &msg.client_msg_id {
+            let existing = sqlx::query(&format!(
+                "SELECT {MESSAGE_COLUMNS} FROM messages WHERE sender_id = ? AND client_msg_id = ?"
+            ))
+            .bind(&msg.sender_id)
+            .bind(cid)
+            .fetch_optional(&mut **tx)
+            .await?;
+            if let Some(row) = existing {
+                return Ok((message_from_row(&row), false));
+            }
+        }
+        let seq: i64 = sqlx::query_scalar(
+            "UPDATE chats SET last_seq = last_seq + 1 WHERE id = ? RETURNING last_seq",
+        )
+        .bind(&msg.chat_id)
+        .fetch_optional(&mut **tx)
+        .await?
+        .ok_or(StoreError::NotFound)?;
+        let fwd = msg.forwarded_from.as_ref();
+        sqlx::query(
+            "INSERT INTO messages (id, chat_id, seq, sender_id, content, client_msg_id, created_at, \
+             pinned, fwd_message_id, fwd_chat_id, fwd_sender_id) VALUES (?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?)",
+        )
+        .bind(&msg.id)
+        .bind(&msg.chat_id)
+        .bind(seq)
+        .bind(&msg.sender_id)
+        .bind(&msg.content)
+        .bind(&msg.client_msg_id)
+        .bind(msg.created_at)
+        .bind(fwd.map(|f| f.message_id.clone()))
+        .bind(fwd.map(|f| f.chat_id.clone()))
+        .bind(fwd.map(|f| f.sender_id.clone()))
+        .execute(&mut **tx)
+        .await?;
+        Ok((
+            MessageRecord {
+                id: msg.id,
+                chat_id: msg.chat_id,
+                seq,
+                sender_id: msg.sender_id,
+                content: msg.content,
+                client_msg_id: msg.client_msg_id,
+                created_at: msg.created_at,
+                pinned: false,
+                forwarded_from: msg.forwarded_from,
+            },
+            true,
+        ))
+    }
+
+    /// Highest seq of `sender` in `(low, high]`.
+    async fn highest_of_sender(
+        tx: &mut Transaction<'_, Sqlite>,
+        chat_id: &str,
+        sender: &str,
+        low: i64,
+        high: i64,
+    ) -> StoreResult<Option<(String, i64)>> {
+        let row = sqlx::query(
+            "SELECT id, seq FROM messages WHERE chat_id = ? AND sender_id = ? AND seq > ? AND seq <= ? \
+             ORDER BY seq DESC LIMIT 1",
+        )
+        .bind(chat_id)
+        .bind(sender)
+        .bind(low)
+        .bind(high)
+        .fetch_optional(&mut **tx)
+        .await?;
+        Ok(row.map(|r| (r.get(0), r.get(1))))
+    }
+}
+
+fn make_chat(
+    id: &str,
+    kind: &str,
+    title: Option<String>,
+    last_seq: i64,
+    created_at: i64,
+    members: &[Member],
+) -> Chat {
+    Chat {
+        id: id.to_owned(),
+        kind: if kind == "direct" {
+            ChatKind::Direct
+        } else {
+            ChatKind::Group
+        },
+        title,
+        participant_ids: members.iter().map(|m| m.user_id.clone()).collect(),
+        created_at: crate::time::rfc3339_ms(created_at),
+        last_seq,
+    }
+}
+
+fn user_from_row(r: &SqliteRow) -> UserRecord {
+    UserRecord {
+        id: r.get("id"),
+        username: r.get("username"),
+        display_name: r.get("display_name"),
+        password_hash: r.get("password_hash"),
+        last_seen_at: r.get("last_seen_at"),
+    }
+}
+
+fn message_from_row(r: &SqliteRow) -> MessageRecord {
+    let fwd_id: Option<String> = r.get("fwd_message_id");
+    MessageRecord {
+        id: r.get("id"),
+        chat_id: r.get("chat_id"),
+        seq: r.get("seq"),
+        sender_id: r.get("sender_id"),
+        content: r.get("content"),
+        client_msg_id: r.get("client_msg_id"),
+        created_at: r.get("created_at"),
+        pinned: r.get::<i64, _>("pinned") != 0,
+        forwarded_from: fwd_id.map(|message_id| ForwardedFrom {
+            message_id,
+            chat_id: r.get("fwd_chat_id"),
+            sender_id: r.get("fwd_sender_id"),
+        }),
+    }
+}
+
+const USER_COLUMNS: &str = "id, username, display_name, password_hash, last_seen_at";
+
+fn is_unique_violation(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(db) if db.is_unique_violation())
+}
+
+/// Minimum over the members other than `except` of the read cursor and of the effective
+/// delivered cursor (read implies delivered). `None` when nobody else is in the chat.
+fn min_cursors(members: &[Member], except: &str) -> Option<(i64, i64)> {
+    members
+        .iter()
+        .filter(|m| m.user_id != except)
+        .map(|m| (m.read_seq, m.delivered_seq.max(m.read_seq)))
+        .reduce(|a, b| (a.0.min(b.0), a.1.min(b.1)))
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn ping(&self) -> StoreResult<()> {
+        sqlx::query("SELECT 1").execute(&self.reader).await?;
+        Ok(())
+    }
+
+    async fn create_user(&self, user: NewUser) -> StoreResult<UserRecord> {
+        let res = sqlx::query(
+            "INSERT INTO users (id, username, display_name, password_hash, external_sub, created_at) \
+             VALUES (?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&user.id)
+        .bind(&user.username)
+        .bind(&user.display_name)
+        .bind(&user.password_hash)
+        .bind(&user.external_sub)
+        .bind(user.created_at)
+        .execute(&self.writer)
+        .await;
+        match res {
+            Ok(_) => Ok(UserRecord {
+                id: user.id,
+                username: user.username,
+                display_name: user.display_name,
+                password_hash: user.password_hash,
+                last_seen_at: None,
+            }),
+            Err(e) if is_unique_violation(&e) => Err(StoreError::Conflict("username taken")),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn user_by_id(&self, id: &str) -> StoreResult<UserRecord> {
+        let row = sqlx::query(&format!("SELECT {USER_COLUMNS} FROM users WHERE id = ?"))
+            .bind(id)
+            .fetch_optional(&self.reader)
+            .await?
+            .ok_or(StoreError::NotFound)?;
+        Ok(user_from_row(&row))
+    }
+
+    async fn user_by_username(&self, username: &str) -> StoreResult<UserRecord> {
+        let row = sqlx::query(&format!(
+            "SELECT {USER_COLUMNS} FROM users WHERE username = ?"
+        ))
+        .bind(username)
+        .fetch_optional(&self.reader)
+        .await?
+        .ok_or(StoreError::NotFound)?;
+        Ok(user_from_row(&row))
+    }
+
+    async fn user_by_external_sub(&self, sub: &str) -> StoreResult<UserRecord> {
+        let row = sqlx::query(&format!(
+            "SELECT {USER_COLUMNS} FROM users WHERE external_sub = ?"
+        ))
+        .bind(sub)
+        .fetch_optional(&self.reader)
+        .await?
+        .ok_or(StoreError::NotFound)?;
+        Ok(user_from_row(&row))
+    }
+
+    async fn list_users(&self) -> StoreResult<Vec<UserRecord>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {USER_COLUMNS} FROM users ORDER BY username"
+        ))
+        .fetch_all(&self.reader)
+        .await?;
+        Ok(rows.iter().map(user_from_row).collect())
+    }
+
+    async fn set_last_seen(&self, user_id: &str, at: i64) -> StoreResult<()> {
+        sqlx::query("UPDATE users SET last_seen_at = ? WHERE id = ?")
+            .bind(at)
+            .bind(user_id)
+            .execute(&self.writer)
+            .await?;
+        Ok(())
+    }
+
+    async fn contacts_of(&self, user_id: &str) -> StoreResult<Vec<String>> {
+        let rows = sqlx::query_scalar(
+            "SELECT DISTINCT o.user_id FROM chat_members m JOIN chat_members o ON o.chat_id = m.chat_id \
+             WHERE m.user_id = ? AND o.user_id != ?",
+        )
+        .bind(user_id)
+        .bind(user_id)
+        .fetch_all(&self.reader)
+        .await?;
+        Ok(rows)
+    }
+
+    async fn insert_refresh_token(
+        &self,
+        token_hash: &str,
+        user_id: &str,
+        family_id: &str,
+        expires_at: i64,
+        now: i64,
+    ) -> StoreResult<()> {
+        let mut tx = self.writer.begin().await?;
+        // Housekeeping: expired tokens are useless even for reuse detection.
+        sqlx::query("DELETE FROM refresh_tokens WHERE expires_at < ?")
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(
+            "INSERT INTO refresh_tokens (token_hash, user_id, family_id, expires_at, created_at) \
+             VALUES (?, ?, ?, ?, ?)",
+        )
+        .bind(token_hash)
+        .bind(user_id)
+        .bind(family_id)
+        .bind(expires_at)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn use_refresh_token(&self, token_hash: &str, now: i64) -> StoreResult<RefreshOutcome> {
+        let mut tx = self.writer.begin().await?;
+        let row = sqlx::query(
+            "SELECT user_id, family_id, expires_at, used_at FROM refresh_tokens WHERE token_hash = ?",
+        )
+        .bind(token_hash)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(row) = row else {
+            return Ok(RefreshOutcome::Invalid);
+        };
+        let (user_id, family_id, expires_at, used_at): (String, String, i64, Option<i64>) =
+            (row.get(0), row.get(1), row.get(2), row.get(3));
+        if used_at.is_some() {
+            sqlx::query("DELETE FROM refresh_tokens WHERE family_id = ?")
+                .bind(&family_id)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            return Ok(RefreshOutcome::Reused);
+        }
+        if expires_at < now {
+            return Ok(RefreshOutcome::Invalid);
+        }
+        sqlx::query("UPDATE refresh_tokens SET used_at = ? WHERE token_hash = ?")
+            .bind(now)
+            .bind(token_hash)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(RefreshOutcome::Rotated { user_id, family_id })
+    }
+
+    async fn create_chat(&self, chat: NewChat) -> StoreResult<(Chat, bool)> {
+        let mut tx = self.writer.begin().await?;
+        for uid in &chat.participant_ids {
+            let exists: Option<i64> = sqlx::query_scalar("SELECT 1 FROM users WHERE id = ?")
+                .bind(uid)
+                .fetch_optional(&mut *tx)
+                .await?;
+            if exists.is_none() {
+                return Err(StoreError::NotFound);
+            }
+        }
+        let direct_key = (chat.kind == ChatKind::Direct).then(|| {
+            let mut ids = chat.participant_ids.clone();
+            ids.sort();
+            ids.join(":")
+        });
+        if let Some(key) = &direct_key {
+            let existing: Option<String> =
+                sqlx::query_scalar("SELECT id FROM chats WHERE direct_key = ?")
+                    .bind(key)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+            if let Some(id) = existing {
+                drop(tx);
+                return Ok((self.load_chat(&id).await?, false));
+            }
+        }
+        sqlx::query(
+            "INSERT INTO chats (id, kind, title, direct_key, last_seq, created_at) VALUES (?, ?, ?, ?, 0, ?)",
+        )
+        .bind(&chat.id)
+        .bind(chat.kind.as_str())
+        .bind(&chat.title)
+        .bind(&direct_key)
+        .bind(chat.created_at)
+        .execute(&mut *tx)
+        .await?;
+        for (pos, uid) in chat.participant_ids.iter().enumerate() {
+            sqlx::query("INSERT INTO chat_members (chat_id, user_id, position) VALUES (?, ?, ?)")
+                .bind(&chat.id)
+                .bind(uid)
+                .bind(pos as i64)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok((
+            Chat {
+                id: chat.id,
+                kind: chat.kind,
+                title: chat.title,
+                participant_ids: chat.participant_ids,
+                created_at: crate::time::rfc3339_ms(chat.created_at),
+                last_seq: 0,
+            },
+            true,
+        ))
+    }
+
+    async fn chat(&self, chat_id: &str) -> StoreResult<Chat> {
+        self.load_chat(chat_id).await
+    }
+
+    async fn chats_of(&self, user_id: &str) -> StoreResult<Vec<ChatSummary>> {
+        let rows = sqlx::query(
+            "SELECT c.id, c.kind, c.title, c.last_seq, c.created_at, m.read_seq FROM chats c \
+             JOIN chat_members m ON m.chat_id = c.id WHERE m.user_id = ? ORDER BY c.created_at",
+        )
+        .bind(user_id)
+        .fetch_all(&self.reader)
+        .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for r in rows {
+            let id: String = r.get(0);
+            let kind: String = r.get(1);
+            let last_seq: i64 = r.get(3);
+            let read_seq: i64 = r.get(5);
+            let members = Self::members_in(&self.reader, &id).await?;
+            let chat = make_chat(&id, &kind, r.get(2), last_seq, r.get(4), &members);
+            let last = sqlx::query(&format!(
+                "SELECT {MESSAGE_COLUMNS} FROM messages WHERE chat_id = ? ORDER BY seq DESC LIMIT 1"
+            ))
+            .bind(&id)
+            .fetch_optional(&self.reader)
+            .await?
+            .map(|row| message_from_row(&row));
+            let unread_count: i64 = sqlx::query_scalar(
+                "SELECT COUNT(*) FROM messages WHERE chat_id = ? AND seq > ? AND sender_id != ?",
+            )
+            .bind(&id)
+            .bind(read_seq)
+            .bind(user_id)
+            .fetch_one(&self.reader)
+            .await?;
+            out.push(ChatSummary {
+                chat,
+                last_message: last.map(|m| m.to_wire(status_of(m.seq, &m.sender_id, &members))),
+                unread_count,
+            });
+        }
+        // Most recently active first, as a chat list shows them.
+        out.sort_by(|a, b| {
+            let ka = a.last_message.as_ref().map(|m| m.created_at.clone());
+            let kb = b.last_message.as_ref().map(|m| m.created_at.clone());
+            kb.cmp(&ka)
+        });
+        Ok(out)
+    }
+
+    async fn is_member(&self, chat_id: &str, user_id: &str) -> StoreResult<bool> {
+        let found: Option<i64> =
+            sqlx::query_scalar("SELECT 1 FROM chat_members WHERE chat_id = ? AND user_id = ?")
+                .bind(chat_id)
+                .bind(user_id)
+                .fetch_optional(&self.reader)
+                .await?;
+        Ok(found.is_some())
+    }
+
+    async fn members(&self, chat_id: &str) -> StoreResult<Vec<Member>> {
+        Self::members_in(&self.reader, chat_id).await
+    }
+
+    async fn insert_messages(
+        &self,
+        msgs: Vec<NewMessage>,
+    ) -> StoreResult<Vec<(MessageRecord, bool)>> {
+        let mut tx = self.writer.begin().await?;
+        let mut out = Vec::with_capacity(msgs.len());
+        for msg in msgs {
+            out.push(Self::insert_one(&mut tx, msg).await?);
+        }
+        tx.commit().await?;
+        Ok(out)
+    }
+
+    async fn message(&self, id: &str) -> StoreResult<MessageRecord> {
+        let row = sqlx::query(&format!(
+            "SELECT {MESSAGE_COLUMNS} FROM messages WHERE id = ?"
+        ))
+        .bind(id)
+        .fetch_optional(&self.reader)
+        .await?
+        .ok_or(StoreError::NotFound)?;
+        Ok(message_from_row(&row))
+    }
+
+    async fn messages(&self, chat_id: &str, page: Page) -> StoreResult<(Vec<MessageRecord>, bool)> {
+        // Fetch one more than asked to learn whether there is more in that direction.
+        let (sql, bound, limit, descending) = match page {
+            Page::Latest { limit } => (
+                format!("SELECT {MESSAGE_COLUMNS} FROM messages WHERE chat_id = ? ORDER BY seq DESC LIMIT ?"),
+                None,
+                limit,
+                true,
+            ),
+            Page::Before { seq, limit } => (
+                format!("SELECT {MESSAGE_COLUMNS} FROM messages WHERE chat_id = ? AND seq < ? ORDER BY seq DESC LIMIT ?"),
+                Some(seq),
+                limit,
+                true,
+            ),
+            Page::After { seq, limit } => (
+                format!("SELECT {MESSAGE_COLUMNS} FROM messages WHERE chat_id = ? AND seq > ? ORDER BY seq ASC LIMIT ?"),
+                Some(seq),
+                limit,
+                false,
+            ),
+        };
+        let mut q = sqlx::query(&sql).bind(chat_id);
+        if let Some(seq) = bound {
+            q = q.bind(seq);
+        }
+        let rows = q.bind(limit + 1).fetch_all(&self.reader).await?;
+        let has_more = rows.len() as i64 > limit;
+        let mut msgs: Vec<MessageRecord> = rows
+            .iter()
+            .take(limit as usize)
+            .map(message_from_row)
+            .collect();
+        if descending {
+            msgs.reverse();
+        }
+        Ok((msgs, has_more))
+    }
+
+    async fn pinned(&self, chat_id: &str) -> StoreResult<Vec<MessageRecord>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {MESSAGE_COLUMNS} FROM messages WHERE chat_id = ? AND pinned = 1 ORDER BY seq"
+        ))
+        .bind(chat_id)
+        .fetch_all(&self.reader)
+        .await?;
+        Ok(rows.iter().map(message_from_row).collect())
+    }
+
+    async fn set_pinned(&self, id: &str, pinned: bool) -> StoreResult<(MessageRecord, bool)> {
+        let res = sqlx::query("UPDATE messages SET pinned = ? WHERE id = ? AND pinned != ?")
+            .bind(pinned as i64)
+            .bind(id)
+            .bind(pinned as i64)
+            .execute(&self.writer)
+            .await?;
+        let row = sqlx::query(&format!(
+            "SELECT {MESSAGE_COLUMNS} FROM messages WHERE id = ?"
+        ))
+        .bind(id)
+        .fetch_optional(&self.writer)
+        .await?
+        .ok_or(StoreError::NotFound)?;
+        Ok((message_from_row(&row), res.rows_affected() > 0))
+    }
+
+    async fn advance_cursors(&self, updates: Vec<CursorUpdate>) -> StoreResult<Vec<StatusChange>> {
+        let mut tx = self.writer.begin().await?;
+        let mut members_cache: HashMap<String, Vec<Member>> = HashMap::new();
+        let mut changes: Vec<StatusChange> = Vec::new();
+        for u in updates {
+            if !members_cache.contains_key(&u.chat_id) {
+                let m = Self::members_in(&mut *tx, &u.chat_id).await?;
+                members_cache.insert(u.chat_id.clone(), m);
+            }
+            let members = members_cache.get_mut(&u.chat_id).expect("inserted above");
+            let Some(idx) = members.iter().position(|m| m.user_id == u.user_id) else {
+                continue;
+            };
+            let before = members.clone();
+            let me = &mut members[idx];
+            let (old_d, old_r) = (me.delivered_seq, me.read_seq);
+            me.delivered_seq = me.delivered_seq.max(u.seq);
+            if u.kind == CursorKind::Read {
+                me.read_seq = me.read_seq.max(u.seq);
+            }
+            if (me.delivered_seq, me.read_seq) == (old_d, old_r) {
+                continue;
+            }
+            sqlx::query(
+                "UPDATE chat_members SET delivered_seq = ?, read_seq = ? WHERE chat_id = ? AND user_id = ?",
+            )
+            .bind(me.delivered_seq)
+            .bind(me.read_seq)
+            .bind(&u.chat_id)
+            .bind(&u.user_id)
+            .execute(&mut *tx)
+            .await?;
+            let after = members.clone();
+            for sender in after.iter().filter(|m| m.user_id != u.user_id) {
+                let (Some((or, od)), Some((nr, nd))) = (
+                    min_cursors(&before, &sender.user_id),
+                    min_cursors(&after, &sender.user_id),
+                ) else {
+                    continue;
+                };
+
+                if nr > or {
+                    if let Some((id, seq)) =
+                        Self::highest_of_sender(&mut tx, &u.chat_id, &sender.user_id, or, nr)
+                            .await?
+                    {
+                        changes.push(StatusChange {
+                            sender_id: sender.user_id.clone(),
+                            chat_id: u.chat_id.clone(),
+                            message_id: id,
+                            seq,
+                            status: MessageStatus::Read,
+                        });
+                    }
+                }
+                let low = od.max(nr);
+                if nd > low {
+                    if let Some((id, seq)) =
+                        Self::highest_of_sender(&mut tx, &u.chat_id, &sender.user_id, low, nd)
+                            .await?
+                    {
+                        changes.push(StatusChange {
+                            sender_id: sender.user_id.clone(),
+                            chat_id: u.chat_id.clone(),
+                            message_id: id,
+                            seq,
+                            status: MessageStatus::Delivered,
+                        });
+                    }
+                }
+            }
+        }
+        tx.commit().await?;
+        Ok(changes)
+    }
+}

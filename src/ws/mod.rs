@@ -1,0 +1,6 @@
+//! The WebSocket endpoint: [`protocol`] (pure wire format), [`handlers`] (chat events),
+//! [`session`] (one connection's loop).
+
+pub mod handlers;
+pub mod protocol;
+pub mod session;
