@@ -31,6 +31,7 @@ pub struct AppState {
     pub shutdown: CancellationToken,
     /// Live WebSocket sessions, awaited on shutdown.
     pub tracker: TaskTracker,
+    pub metrics: metrics_exporter_prometheus::PrometheusHandle,
 }
 
 /// Reads a secret from the config or from `data_dir/<name>`, generating it there on first start.
@@ -162,6 +163,7 @@ pub async fn prepare(mut config: Config, shutdown: CancellationToken) -> anyhow:
         node,
         shutdown,
         tracker: TaskTracker::new(),
+        metrics: crate::telemetry::metrics_handle(),
     });
     Ok(Prepared {
         state,
@@ -183,6 +185,13 @@ impl Prepared {
         let shutdown = state.shutdown.clone();
         let app = crate::http::router(state.clone());
         tracing::info!(addr = %listener.local_addr()?, "http listening");
+        // Replies and pushes are small frames written back to back: without TCP_NODELAY, Nagle
+        // and the peer's delayed ACK stall every second frame by ~40 ms.
+        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::debug!(error = %e, "could not set TCP_NODELAY");
+            }
+        });
         axum::serve(
             listener,
             app.into_make_service_with_connect_info::<SocketAddr>(),

@@ -33,3 +33,57 @@ pub fn init(config: &LogConfig) {
         eprintln!("logging was already initialised: {e}");
     }
 }
+
+/// The process-wide Prometheus recorder. Installed once; every app in the process (tests run
+/// several) renders from the same registry.
+pub fn metrics_handle() -> metrics_exporter_prometheus::PrometheusHandle {
+    use std::sync::OnceLock;
+    static HANDLE: OnceLock<metrics_exporter_prometheus::PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+            let handle = recorder.handle();
+            if metrics::set_global_recorder(recorder).is_err() {
+                eprintln!("a metrics recorder was already installed; /metrics will be empty");
+            }
+            metrics::gauge!("switchboard_build_info", "version" => env!("CARGO_PKG_VERSION"))
+                .set(1.0);
+            describe();
+            handle
+        })
+        .clone()
+}
+
+fn describe() {
+    use metrics::{describe_counter, describe_gauge};
+    describe_gauge!("switchboard_ws_connections", "Open WebSocket connections");
+    describe_gauge!(
+        "switchboard_users_online",
+        "Users with at least one connection (or in their offline grace)"
+    );
+    describe_counter!(
+        "switchboard_ws_events_total",
+        "Client events received, by event name"
+    );
+    describe_counter!("switchboard_ws_errors_total", "Error replies sent, by code");
+    describe_counter!(
+        "switchboard_ws_closes_total",
+        "Connections closed by the server, by close code"
+    );
+    describe_counter!(
+        "switchboard_ws_send_queue_overflows_total",
+        "Connections cut because their send queue was full"
+    );
+    describe_counter!(
+        "switchboard_messages_stored_total",
+        "Chat messages committed to the store"
+    );
+    describe_counter!(
+        "switchboard_messages_delivered_total",
+        "Message frames written to a recipient connection"
+    );
+    describe_counter!(
+        "switchboard_auth_failures_total",
+        "Failed authentications, by kind"
+    );
+}

@@ -176,6 +176,8 @@ impl Accounts {
                 self.issue_pair(&user, new_id()).await
             }
             _ => {
+                metrics::counter!("switchboard_auth_failures_total", "kind" => "login")
+                    .increment(1);
                 let now = now_ms();
                 self.by_user
                     .lock()
@@ -201,6 +203,8 @@ impl Accounts {
                 self.issue_pair(&user, family_id).await
             }
             RefreshOutcome::Reused => {
+                metrics::counter!("switchboard_auth_failures_total", "kind" => "refresh_reuse")
+                    .increment(1);
                 tracing::warn!("a used refresh token was presented again; its login was revoked");
                 Err(ApiError::unauthorized(
                     "refresh token was already used; this login has been revoked",
@@ -214,7 +218,10 @@ impl Accounts {
 
     /// Verifies an access token and maps it to a local user.
     pub async fn authenticate(&self, token: &str) -> Result<Authed, ApiError> {
-        let identity = self.keys.verify(token, now_secs()).map_err(|e| match e {
+        let identity = self.keys.verify(token, now_secs()).inspect_err(|_| {
+            metrics::counter!("switchboard_auth_failures_total", "kind" => "token").increment(1);
+        });
+        let identity = identity.map_err(|e| match e {
             JwtError::Expired => ApiError::unauthorized("token expired"),
             JwtError::Invalid(_) => ApiError::unauthorized("token invalid"),
         })?;

@@ -165,6 +165,8 @@ impl Hub {
                     Err(mpsc::error::TrySendError::Full(_)) => {
                         if !conn.kill.is_cancelled() {
                             self.overflows.fetch_add(1, Ordering::Relaxed);
+                            metrics::counter!("switchboard_ws_send_queue_overflows_total")
+                                .increment(1);
                             tracing::info!(conn_id = id, "send queue full; closing with 4429");
                             conn.kill.cancel();
                         }

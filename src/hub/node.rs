@@ -175,6 +175,8 @@ impl Node {
     }
 
     async fn dispatch_presence(&self, events: Vec<PresenceEvent>) {
+        let online = self.presence.lock().expect("presence lock").online_count();
+        metrics::gauge!("switchboard_users_online").set(online as f64);
         for ev in events {
             match ev {
                 PresenceEvent::Online { user_id } => {

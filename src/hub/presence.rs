@@ -50,6 +50,11 @@ impl Presence {
         }
     }
 
+    /// Users online now (connected, or inside their offline grace).
+    pub fn online_count(&self) -> usize {
+        self.connections.len() + self.pending_offline.len()
+    }
+
     pub fn is_online(&self, user_id: &str) -> bool {
         self.connections.contains_key(user_id) || self.pending_offline.contains_key(user_id)
     }

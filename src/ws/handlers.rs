@@ -376,6 +376,7 @@ async fn send_message(
     }
     // Committed: from here on the message is durable and may be acknowledged.
     if created {
+        metrics::counter!("switchboard_messages_stored_total").increment(1);
         state
             .node
             .typing_stop(me, &record.chat_id, others(&members, me));
@@ -443,6 +444,7 @@ async fn forward(
     }
     let stored = state.node.store.insert_messages(new).await?;
     let records: Vec<MessageRecord> = stored.into_iter().map(|(r, _)| r).collect();
+    metrics::counter!("switchboard_messages_stored_total").increment(records.len() as u64);
     for r in &records {
         state.node.publish_message(r, &target);
     }

@@ -17,6 +17,35 @@ pub mod close {
     pub const TOO_SLOW: u16 = 4429;
 }
 
+/// Client events this server knows (metrics label only these; anything else is "unknown").
+pub const KNOWN_EVENTS: &[&str] = &[
+    "message",
+    "chat:get",
+    "chat:join",
+    "chat:leave",
+    "sync",
+    "users:list",
+    "message:read",
+    "message:pin",
+    "message:unpin",
+    "chat:get-pinned",
+    "message:forward",
+    "message:forward-multiple",
+    "typing-start",
+    "typing-stop",
+    "ping",
+    "auth:refresh",
+];
+
+/// The metrics label for an event name.
+pub fn event_label(event: &str) -> &'static str {
+    KNOWN_EVENTS
+        .iter()
+        .find(|e| **e == event)
+        .copied()
+        .unwrap_or("unknown")
+}
+
 /// A client frame, before its `data` is interpreted.
 #[derive(Debug, Deserialize)]
 pub struct Inbound {

@@ -116,6 +116,7 @@ where
             "iceExpiresAt": null,
         }),
     );
+    metrics::gauge!("switchboard_ws_connections").increment(1.0);
     let end = if socket.send(text(hello)).await.is_err() {
         End::Gone
     } else {
@@ -124,8 +125,10 @@ where
         end
     };
     state.node.hub.unregister(&user_id, conn.conn_id);
+    metrics::gauge!("switchboard_ws_connections").decrement(1.0);
     drop(reg);
     if let End::Close(code, reason) = end {
+        metrics::counter!("switchboard_ws_closes_total", "code" => code.to_string()).increment(1);
         let linger = if code == close::TOO_SLOW {
             SLOW_CLOSE_LINGER
         } else {
@@ -183,6 +186,7 @@ where
                 }
                 if let Some(d) = out.delivery {
                     if *d.sender_id != *conn.user_id {
+                        metrics::counter!("switchboard_messages_delivered_total").increment(1);
                         state.node.report_delivered(&d.chat_id, &conn.user_id, d.seq).await;
                     }
                 }
@@ -262,6 +266,8 @@ async fn process(
             };
         }
     };
+    metrics::counter!("switchboard_ws_events_total", "event" => p::event_label(&inbound.event))
+        .increment(1);
     match handlers::handle(state, conn, &inbound.event, &inbound.data).await {
         Ok(h) => {
             if let Some(exp) = h.new_expiry {
@@ -277,6 +283,8 @@ async fn process(
             }
         }
         Err(err) => {
+            metrics::counter!("switchboard_ws_errors_total", "code" => err.code.as_str())
+                .increment(1);
             if err.code == crate::error::ErrorCode::Internal {
                 tracing::warn!(event = %inbound.event, "request failed with an internal error");
             }

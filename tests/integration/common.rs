@@ -1,0 +1,281 @@
+//! Test harness: the real app on port 0 in a temp dir, an HTTP client, and a WebSocket client
+//! that keeps pushes it has not been asked about yet.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use switchboard::config::Config;
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use tokio_util::sync::CancellationToken;
+
+pub const WAIT: Duration = Duration::from_secs(10);
+
+pub struct TestServer {
+    pub addr: std::net::SocketAddr,
+    pub http: reqwest::Client,
+    pub dir: tempfile::TempDir,
+    running: Option<switchboard::app::Running>,
+}
+
+pub fn test_config(dir: &std::path::Path) -> Config {
+    let mut c = Config {
+        data_dir: dir.to_path_buf(),
+        ..Config::default()
+    };
+    c.turn.enabled = false;
+    c.presence.offline_grace = Duration::from_millis(300);
+    c
+}
+
+impl TestServer {
+    pub async fn start() -> Self {
+        Self::start_with(|_| {}).await
+    }
+
+    pub async fn start_with(f: impl FnOnce(&mut Config)) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = test_config(dir.path());
+        f(&mut config);
+        Self::start_in(dir, config).await
+    }
+
+    pub async fn start_in(dir: tempfile::TempDir, config: Config) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let running = switchboard::app::spawn(config, listener, CancellationToken::new())
+            .await
+            .unwrap();
+        Self {
+            addr: running.addr,
+            http: reqwest::Client::new(),
+            dir,
+            running: Some(running),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub async fn stop(mut self) -> tempfile::TempDir {
+        self.running.take().unwrap().stop().await.unwrap();
+        self.dir
+    }
+
+    pub async fn register(&self, username: &str) -> TestUser {
+        let resp = self
+            .http
+            .post(self.url("/api/auth/register"))
+            .json(&json!({"username": username, "password": "password123", "displayName": username.to_uppercase()}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 201, "register {username}");
+        let body: Value = resp.json().await.unwrap();
+        TestUser {
+            id: body["user"]["id"].as_str().unwrap().to_owned(),
+            token: body["accessToken"].as_str().unwrap().to_owned(),
+            refresh: body["refreshToken"].as_str().unwrap().to_owned(),
+        }
+    }
+
+    pub async fn get(&self, path: &str, token: &str) -> (u16, Value) {
+        let resp = self
+            .http
+            .get(self.url(path))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn post(&self, path: &str, token: Option<&str>, body: Value) -> (u16, Value) {
+        let mut req = self.http.post(self.url(path)).json(&body);
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        let resp = req.send().await.unwrap();
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap_or(Value::Null))
+    }
+
+    /// The direct chat between `a` and `b`.
+    pub async fn direct_chat(&self, a: &TestUser, b: &TestUser) -> String {
+        let (status, body) = self
+            .post(
+                "/api/chats",
+                Some(&a.token),
+                json!({"participantIds": [b.id]}),
+            )
+            .await;
+        assert!(status == 201 || status == 200, "{status} {body}");
+        body["chat"]["id"].as_str().unwrap().to_owned()
+    }
+
+    pub async fn ws(&self, user: &TestUser) -> Ws {
+        Ws::connect(self.addr, &user.token).await
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct TestUser {
+    pub id: String,
+    pub token: String,
+    pub refresh: String,
+}
+
+pub struct Ws {
+    pub stream: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    pub buffer: VecDeque<Value>,
+    pub established: Value,
+    next_id: i64,
+}
+
+impl Ws {
+    /// Connects with `?token=` and waits for `connection:established`.
+    pub async fn connect(addr: std::net::SocketAddr, token: &str) -> Ws {
+        let mut ws = Self::connect_raw(addr, Some(token)).await;
+        let first = ws.next_frame().await.expect("a first frame");
+        assert_eq!(first["event"], "connection:established", "{first}");
+        ws.established = first["data"].clone();
+        ws
+    }
+
+    /// Connects without waiting for anything.
+    pub async fn connect_raw(addr: std::net::SocketAddr, token: Option<&str>) -> Ws {
+        let url = match token {
+            Some(t) => format!("ws://{addr}/ws?token={t}"),
+            None => format!("ws://{addr}/ws"),
+        };
+        let (stream, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+        Ws {
+            stream,
+            buffer: VecDeque::new(),
+            established: Value::Null,
+            next_id: 1,
+        }
+    }
+
+    pub async fn send_text(&mut self, text: impl Into<String>) {
+        self.stream
+            .send(Message::Text(text.into().into()))
+            .await
+            .unwrap();
+    }
+
+    pub async fn send(&mut self, event: &str, data: Value) {
+        self.send_text(json!({"event": event, "data": data}).to_string())
+            .await;
+    }
+
+    /// Next JSON frame from the socket (not the buffer); `None` when closed.
+    pub async fn next_frame(&mut self) -> Option<Value> {
+        loop {
+            let msg = tokio::time::timeout(WAIT, self.stream.next())
+                .await
+                .expect("timed out waiting for a frame")?;
+            match msg {
+                Ok(Message::Text(t)) => return Some(serde_json::from_str(&t).unwrap()),
+                Ok(Message::Close(_)) | Err(_) => return None,
+                Ok(_) => continue,
+            }
+        }
+    }
+
+    /// Sends a request with an id and returns its reply; pushes seen meanwhile are buffered.
+    pub async fn request(&mut self, event: &str, data: Value) -> Value {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.send_text(json!({"event": event, "data": data, "id": id}).to_string())
+            .await;
+        loop {
+            let frame = self
+                .next_frame()
+                .await
+                .expect("closed while waiting for a reply");
+            if frame["event"] == "reply" && frame["id"] == id {
+                return frame;
+            }
+            self.buffer.push_back(frame);
+        }
+    }
+
+    /// A request that must succeed: its `data`.
+    pub async fn ok(&mut self, event: &str, data: Value) -> Value {
+        let reply = self.request(event, data).await;
+        assert_eq!(reply["ok"], true, "{event} failed: {reply}");
+        reply["data"].clone()
+    }
+
+    /// The next push named `event` (from the buffer first); other frames stay buffered.
+    pub async fn event(&mut self, event: &str) -> Value {
+        if let Some(pos) = self.buffer.iter().position(|f| f["event"] == event) {
+            return self.buffer.remove(pos).unwrap()["data"].clone();
+        }
+        loop {
+            let frame = self
+                .next_frame()
+                .await
+                .unwrap_or_else(|| panic!("closed while waiting for {event}"));
+            if frame["event"] == event {
+                return frame["data"].clone();
+            }
+            self.buffer.push_back(frame);
+        }
+    }
+
+    /// Asserts no push named `event` arrives within `within`.
+    pub async fn no_event(&mut self, event: &str, within: Duration) {
+        assert!(
+            !self.buffer.iter().any(|f| f["event"] == event),
+            "unexpected buffered {event}: {:?}",
+            self.buffer
+        );
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            match tokio::time::timeout_at(deadline, self.stream.next()).await {
+                Err(_) => return,
+                Ok(Some(Ok(Message::Text(t)))) => {
+                    let v: Value = serde_json::from_str(&t).unwrap();
+                    assert_ne!(v["event"], event, "unexpected {v}");
+                    self.buffer.push_back(v);
+                }
+                Ok(Some(Ok(_))) => {}
+                Ok(_) => return,
+            }
+        }
+    }
+
+    /// Reads until the close frame and returns its code (frames before it are buffered).
+    pub async fn close_code(&mut self) -> Option<u16> {
+        loop {
+            let msg = tokio::time::timeout(WAIT, self.stream.next())
+                .await
+                .expect("timed out waiting for close");
+            match msg {
+                Some(Ok(Message::Close(frame))) => return frame.map(|f| u16::from(f.code)),
+                Some(Ok(Message::Text(t))) => {
+                    self.buffer.push_back(serde_json::from_str(&t).unwrap())
+                }
+                Some(Ok(_)) => {}
+                Some(Err(_)) | None => return None,
+            }
+        }
+    }
+
+    pub async fn close(mut self) {
+        let _ = self
+            .stream
+            .close(Some(tokio_tungstenite::tungstenite::protocol::CloseFrame {
+                code: CloseCode::Normal,
+                reason: "bye".into(),
+            }))
+            .await;
+    }
+}

@@ -1,0 +1,11 @@
+//! Integration tests: the real app on port 0 driven by real HTTP and WebSocket clients, and the
+//! real binary for crash and memory tests.
+
+#![allow(clippy::disallowed_methods)] // tests read the clock freely
+#![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
+
+mod common;
+mod process;
+mod resilience;
+mod rest;
+mod ws_chat;
