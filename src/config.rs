@@ -381,6 +381,12 @@ impl Config {
                 "only sqlite: URLs (or empty for the default) are supported by this build",
             ));
         }
+        if self.http.tls_cert_file.is_some() || self.http.tls_key_file.is_some() {
+            return Err(bad(
+                "http.tls_cert_file",
+                "TLS on the HTTP listener is not available in this build yet; use a reverse proxy",
+            ));
+        }
         if !self.cluster.redis_url.is_empty() {
             return Err(bad(
                 "cluster.redis_url",

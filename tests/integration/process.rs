@@ -424,3 +424,70 @@ async fn sigterm_exits_zero_and_closes_with_1012() {
     let status = p.child.wait().unwrap();
     assert_eq!(status.code(), Some(0), "graceful exit");
 }
+
+fn switchboard(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_switchboard"))
+        .args(args)
+        .env_remove("SWITCHBOARD_HTTP__LISTEN")
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn check_config_accepts_the_reference_and_names_bad_keys() {
+    let reference = concat!(env!("CARGO_MANIFEST_DIR"), "/turn-config/switchboard.toml");
+    let out = switchboard(&["check-config", "--config", reference]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "[ws]\nheartbeat = \"5s\"\n").unwrap();
+    let out = switchboard(&["check-config", "--config", bad.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(78));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("heartbeat"), "{err}");
+
+    std::fs::write(&bad, "[ws]\nidle_timeout = \"ten\"\n").unwrap();
+    let out = switchboard(&["check-config", "--config", bad.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(78));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("ws.idle_timeout"));
+
+    let out = switchboard(&["check-config", "--config", "/nonexistent.toml"]);
+    assert_eq!(out.status.code(), Some(78));
+
+    let out = switchboard(&["--help"]);
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        help.contains("serve") && help.contains("check-config"),
+        "{help}"
+    );
+}
+
+#[tokio::test]
+async fn metrics_endpoint_speaks_prometheus() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = Proc::spawn(dir.path(), &[]);
+    let http = reqwest::Client::new();
+    let u = register(&http, &p, "alice").await;
+    let mut ws = Ws::connect(p.addr, &u.token).await;
+    ws.ok("ping", json!({})).await;
+    let text = http
+        .get(p.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(text.contains("switchboard_build_info"), "{text}");
+    assert_eq!(metric(&http, &p, "switchboard_ws_connections").await, 1.0);
+    assert!(
+        text.contains(r#"switchboard_ws_events_total{event="ping"} 1"#),
+        "{text}"
+    );
+}

@@ -414,7 +414,8 @@ async fn typing_goes_to_open_chats_and_expires() {
 
 #[tokio::test]
 async fn presence_with_offline_grace() {
-    let s = TestServer::start().await; // grace 300 ms
+    let s =
+        TestServer::start_with(|c| c.presence.offline_grace = Duration::from_millis(1000)).await;
     let a = s.register("alice").await;
     let b = s.register("bob").await;
     s.direct_chat(&a, &b).await;
@@ -438,7 +439,7 @@ async fn presence_with_offline_grace() {
     // A reload (close + reconnect within the grace) does not flicker.
     wb.close().await;
     let wb = s.ws(&b).await;
-    wa.no_event("users:update", Duration::from_millis(600))
+    wa.no_event("users:update", Duration::from_millis(1300))
         .await;
     // Gone for good: offline after the grace, with lastSeenAt.
     wb.close().await;
