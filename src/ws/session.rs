@@ -117,12 +117,12 @@ where
         }),
     );
     metrics::gauge!("switchboard_ws_connections").increment(1.0);
+    // Presence goes up here and down at the end, on every path between.
+    state.node.connected(&user_id).await;
     let end = if socket.send(text(hello)).await.is_err() {
         End::Gone
     } else {
-        state.node.connected(&user_id).await;
-        let end = session_loop(&mut socket, &state, &conn, &mut reg, authed.expires_at).await;
-        end
+        session_loop(&mut socket, &state, &conn, &mut reg, authed.expires_at).await
     };
     state.node.hub.unregister(&user_id, conn.conn_id);
     metrics::gauge!("switchboard_ws_connections").decrement(1.0);

@@ -1,0 +1,627 @@
+//! The call signaling state machine (PROTOCOL §2.2), pure: no tokio, no sockets, no clock.
+//!
+//! Inputs are a user's signals (from one of their connections), connection up/down events and
+//! `now` (unix ms). Outputs are [`Command`]s, drained with [`Machine::poll_command`] after every
+//! input; [`Machine::poll_timeout`] says when [`Machine::handle_timeout`] is due next. A signal's
+//! own success or failure is its return value (the shell turns failures into `call:error` /
+//! `call:busy` pushes and failed replies).
+//!
+//! Access checks that need the store (the chat exists, the caller is in it, it is direct) are
+//! made by the shell before [`Machine::initiate`]; everything about who is engaged, online or
+//! ringing lives here.
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+
+use serde_json::{json, Value};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CallType {
+    Audio,
+    Video,
+}
+
+impl CallType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CallType::Audio => "audio",
+            CallType::Video => "video",
+        }
+    }
+}
+
+/// Why a call ended (the `reason` of `call:end`, and what is recorded).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EndReason {
+    /// Hung up after it was answered.
+    Ended,
+    /// The caller hung up while it was ringing.
+    Cancelled,
+    Rejected,
+    NoAnswer,
+    ConnectionLost,
+    /// Every ringing device went away and none came back within the grace.
+    Offline,
+    ServerShutdown,
+}
+
+impl EndReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EndReason::Ended => "ended",
+            EndReason::Cancelled => "cancelled",
+            EndReason::Rejected => "rejected",
+            EndReason::NoAnswer => "no_answer",
+            EndReason::ConnectionLost => "connection_lost",
+            EndReason::Offline => "offline",
+            EndReason::ServerShutdown => "server_shutdown",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CallErrorCode {
+    CallerBusy,
+    Offline,
+    /// The callee is engaged: answered with `call:busy`, not `call:error`.
+    Busy,
+    NoSuchCall,
+}
+
+impl CallErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CallErrorCode::CallerBusy => "caller_busy",
+            CallErrorCode::Offline => "offline",
+            CallErrorCode::Busy => "busy",
+            CallErrorCode::NoSuchCall => "no_such_call",
+        }
+    }
+
+    pub fn message(self) -> &'static str {
+        match self {
+            CallErrorCode::CallerBusy => "you are already in a call",
+            CallErrorCode::Offline => "the user is offline",
+            CallErrorCode::Busy => "the user is busy",
+            CallErrorCode::NoSuchCall => "no such call",
+        }
+    }
+}
+
+/// What the shell must do.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Command {
+    /// Push `event` with `data` to one connection of `user`.
+    Send {
+        user: String,
+        conn: u64,
+        event: &'static str,
+        data: Value,
+    },
+    /// A call is over: record it (and show it in the chat).
+    Ended(CallSummary),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CallSummary {
+    pub call_id: String,
+    pub chat_id: String,
+    pub caller_id: String,
+    pub callee_id: String,
+    pub call_type: CallType,
+    pub started_at: i64,
+    pub answered_at: Option<i64>,
+    pub ended_at: i64,
+    pub reason: EndReason,
+}
+
+/// A `call:initiate` that passed the store checks.
+#[derive(Debug, Clone)]
+pub struct Initiate {
+    /// Chosen by the shell (randomness is a parameter too).
+    pub call_id: String,
+    pub chat_id: String,
+    pub callee_id: String,
+    pub call_type: CallType,
+    pub offer: Value,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Phase {
+    /// Callee connections currently ringing.
+    Ringing { devices: BTreeSet<u64> },
+    Active { answered_at: i64 },
+}
+
+/// One side of a call: its connection, or when it went away.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Party {
+    user: String,
+    /// `None` while the party's connection is gone (inside the reconnect grace).
+    conn: Option<u64>,
+    /// When the grace runs out.
+    away_until: Option<i64>,
+}
+
+#[derive(Debug, Clone)]
+struct Call {
+    id: String,
+    chat_id: String,
+    call_type: CallType,
+    offer: Value,
+    started_at: i64,
+    ring_deadline: i64,
+    caller: Party,
+    /// `conn` is set once answered.
+    callee: Party,
+    phase: Phase,
+    /// Ringing with no device left: the caller hears `offline` at this time.
+    no_devices_until: Option<i64>,
+}
+
+pub struct Machine {
+    ring_timeout_ms: i64,
+    grace_ms: i64,
+    /// Live connections per user.
+    online: HashMap<String, BTreeSet<u64>>,
+    calls: HashMap<String, Call>,
+    /// Engaged users → their call.
+    by_user: HashMap<String, String>,
+    commands: VecDeque<Command>,
+}
+
+type Result<T> = std::result::Result<T, CallErrorCode>;
+
+impl Machine {
+    pub fn new(ring_timeout_ms: i64, grace_ms: i64) -> Self {
+        Self {
+            ring_timeout_ms,
+            grace_ms,
+            online: HashMap::new(),
+            calls: HashMap::new(),
+            by_user: HashMap::new(),
+            commands: VecDeque::new(),
+        }
+    }
+
+    pub fn poll_command(&mut self) -> Option<Command> {
+        self.commands.pop_front()
+    }
+
+    /// Whether `user` is ringing or in a call.
+    pub fn is_engaged(&self, user: &str) -> bool {
+        self.by_user.contains_key(user)
+    }
+
+    pub fn active_calls(&self) -> usize {
+        self.calls.len()
+    }
+
+    fn send(&mut self, user: &str, conn: u64, event: &'static str, data: Value) {
+        self.commands.push_back(Command::Send {
+            user: user.to_owned(),
+            conn,
+            event,
+            data,
+        });
+    }
+
+    fn ids(call: &Call) -> Value {
+        json!({"chatId": call.chat_id, "callId": call.id})
+    }
+
+    fn end_data(call: &Call, reason: &str) -> Value {
+        json!({"chatId": call.chat_id, "callId": call.id, "reason": reason})
+    }
+
+    fn offer_data(call: &Call) -> Value {
+        json!({
+            "chatId": call.chat_id,
+            "callId": call.id,
+            "callerId": call.caller.user,
+            "callType": call.call_type.as_str(),
+            "offer": call.offer,
+        })
+    }
+
+    /// Removes the call and emits its record.
+    fn finish(&mut self, call_id: &str, reason: EndReason, now: i64) {
+        let Some(call) = self.calls.remove(call_id) else {
+            return;
+        };
+        for user in [&call.caller.user, &call.callee.user] {
+            if self.by_user.get(user) == Some(&call.id) {
+                self.by_user.remove(user);
+            }
+        }
+        let answered_at = match call.phase {
+            Phase::Active { answered_at } => Some(answered_at),
+            Phase::Ringing { .. } => None,
+        };
+        self.commands.push_back(Command::Ended(CallSummary {
+            call_id: call.id,
+            chat_id: call.chat_id,
+            caller_id: call.caller.user,
+            callee_id: call.callee.user,
+            call_type: call.call_type,
+            started_at: call.started_at,
+            answered_at,
+            ended_at: now,
+            reason,
+        }));
+    }
+
+    /// The user's current call, if it is in `chat_id`.
+    fn call_of(&self, user: &str, chat_id: &str) -> Result<String> {
+        let id = self.by_user.get(user).ok_or(CallErrorCode::NoSuchCall)?;
+        let call = self.calls.get(id).ok_or(CallErrorCode::NoSuchCall)?;
+        if call.chat_id == chat_id {
+            Ok(id.clone())
+        } else {
+            Err(CallErrorCode::NoSuchCall)
+        }
+    }
+
+    // ---------------------------------------------------------------- connections
+
+    pub fn connection_up(&mut self, user: &str, conn: u64, now: i64) {
+        let _ = now;
+        self.online.entry(user.to_owned()).or_default().insert(conn);
+        // A callee who (re)connects while being called rings on the new device too, so a page
+        // reload during ringing does not lose the call.
+        let Some(id) = self.by_user.get(user).cloned() else {
+            return;
+        };
+        let Some(call) = self.calls.get_mut(&id) else {
+            return;
+        };
+        if call.callee.user != user {
+            return;
+        }
+        if let Phase::Ringing { devices } = &mut call.phase {
+            devices.insert(conn);
+            call.no_devices_until = None;
+            let data = Self::offer_data(call);
+            self.send(user, conn, "call:offer", data);
+        }
+    }
+
+    pub fn connection_down(&mut self, user: &str, conn: u64, now: i64) {
+        if let Some(set) = self.online.get_mut(user) {
+            set.remove(&conn);
+            if set.is_empty() {
+                self.online.remove(user);
+            }
+        }
+        let Some(id) = self.by_user.get(user).cloned() else {
+            return;
+        };
+        let Some(call) = self.calls.get_mut(&id) else {
+            return;
+        };
+        let grace = self.grace_ms;
+        if call.caller.user == user && call.caller.conn == Some(conn) {
+            call.caller.conn = None;
+            call.caller.away_until = Some(now + grace);
+            let others: Vec<u64> = match &call.phase {
+                Phase::Ringing { devices } => devices.iter().copied().collect(),
+                Phase::Active { .. } => call.callee.conn.into_iter().collect(),
+            };
+            let (callee, data) = (call.callee.user.clone(), Self::ids(call));
+            for c in others {
+                self.send(&callee, c, "call:peer-reconnecting", data.clone());
+            }
+        } else if call.callee.user == user {
+            match &mut call.phase {
+                Phase::Ringing { devices } => {
+                    // A ringing device that drops just stops ringing.
+                    devices.remove(&conn);
+                    if devices.is_empty() {
+                        call.no_devices_until = Some(now + grace);
+                    }
+                }
+                Phase::Active { .. } if call.callee.conn == Some(conn) => {
+                    call.callee.conn = None;
+                    call.callee.away_until = Some(now + grace);
+                    let (caller, data) = (call.caller.user.clone(), Self::ids(call));
+                    if let Some(c) = call.caller.conn {
+                        self.send(&caller, c, "call:peer-reconnecting", data);
+                    }
+                }
+                Phase::Active { .. } => {}
+            }
+        } else {
+            return;
+        }
+        if grace <= 0 {
+            self.handle_timeout(now);
+        }
+    }
+
+    // ---------------------------------------------------------------- signals
+
+    pub fn initiate(&mut self, caller: &str, conn: u64, req: Initiate, now: i64) -> Result<String> {
+        if let Some(current) = self.by_user.get(caller).and_then(|id| self.calls.get(id)) {
+            // Glare: both call each other at once. The call that reached the server first
+            // survives; the second caller is already ringing with it, so they hear `busy`.
+            let glare = current.callee.user == caller
+                && current.caller.user == req.callee_id
+                && current.chat_id == req.chat_id;
+            return Err(if glare {
+                CallErrorCode::Busy
+            } else {
+                CallErrorCode::CallerBusy
+            });
+        }
+        let devices: BTreeSet<u64> = match self.online.get(&req.callee_id) {
+            Some(set) if !set.is_empty() => set.clone(),
+            _ => return Err(CallErrorCode::Offline),
+        };
+        if self.by_user.contains_key(&req.callee_id) {
+            return Err(CallErrorCode::Busy);
+        }
+        let call = Call {
+            id: req.call_id.clone(),
+            chat_id: req.chat_id,
+            call_type: req.call_type,
+            offer: req.offer,
+            started_at: now,
+            ring_deadline: now + self.ring_timeout_ms,
+            caller: Party {
+                user: caller.to_owned(),
+                conn: Some(conn),
+                away_until: None,
+            },
+            callee: Party {
+                user: req.callee_id.clone(),
+                conn: None,
+                away_until: None,
+            },
+            phase: Phase::Ringing {
+                devices: devices.clone(),
+            },
+            no_devices_until: None,
+        };
+        let data = Self::offer_data(&call);
+        for d in devices {
+            self.send(&req.callee_id, d, "call:offer", data.clone());
+        }
+        self.by_user.insert(caller.to_owned(), call.id.clone());
+        self.by_user.insert(req.callee_id, call.id.clone());
+        self.calls.insert(call.id.clone(), call);
+        Ok(req.call_id)
+    }
+
+    pub fn answer(&mut self, user: &str, conn: u64, chat_id: &str, answer: Value, now: i64) -> Result<String> {
+        let id = self.call_of(user, chat_id)?;
+        let call = self.calls.get_mut(&id).expect("indexed call exists");
+        let devices = match &call.phase {
+            Phase::Ringing { devices } if call.callee.user == user && devices.contains(&conn) => devices.clone(),
+            _ => return Err(CallErrorCode::NoSuchCall),
+        };
+        call.phase = Phase::Active { answered_at: now };
+        call.callee.conn = Some(conn);
+        call.no_devices_until = None;
+        let (caller, caller_conn) = (call.caller.user.clone(), call.caller.conn);
+        let data = json!({"chatId": call.chat_id, "callId": call.id, "answer": answer});
+        let elsewhere = Self::end_data(call, "answered_elsewhere");
+        if let Some(c) = caller_conn {
+            self.send(&caller, c, "call:answer", data);
+        }
+        for d in devices.into_iter().filter(|d| *d != conn) {
+            self.send(user, d, "call:end", elsewhere.clone());
+        }
+        Ok(id)
+    }
+
+    pub fn reject(&mut self, user: &str, conn: u64, chat_id: &str, now: i64) -> Result<String> {
+        let id = self.call_of(user, chat_id)?;
+        let call = self.calls.get(&id).expect("indexed call exists");
+        let devices = match &call.phase {
+            Phase::Ringing { devices } if call.callee.user == user => devices.clone(),
+            _ => return Err(CallErrorCode::NoSuchCall),
+        };
+        let (caller, caller_conn) = (call.caller.user.clone(), call.caller.conn);
+        let ids = Self::ids(call);
+        let rejected = Self::end_data(call, "rejected");
+        if let Some(c) = caller_conn {
+            self.send(&caller, c, "call:rejected", ids);
+        }
+        for d in devices.into_iter().filter(|d| *d != conn) {
+            self.send(user, d, "call:end", rejected.clone());
+        }
+        self.finish(&id, EndReason::Rejected, now);
+        Ok(id)
+    }
+
+    /// `call:end` from either party: `cancelled` while ringing (a callee's end while ringing is
+    /// a reject), `ended` once active.
+    pub fn end(&mut self, user: &str, conn: u64, chat_id: &str, now: i64) -> Result<String> {
+        let id = self.call_of(user, chat_id)?;
+        let call = self.calls.get(&id).expect("indexed call exists");
+        let is_caller = call.caller.user == user;
+        match (&call.phase, is_caller) {
+            (Phase::Ringing { .. }, false) => self.reject(user, conn, chat_id, now),
+            (Phase::Ringing { devices }, true) => {
+                let data = Self::end_data(call, "cancelled");
+                let callee = call.callee.user.clone();
+                for d in devices.clone() {
+                    self.send(&callee, d, "call:end", data.clone());
+                }
+                self.finish(&id, EndReason::Cancelled, now);
+                Ok(id)
+            }
+            (Phase::Active { .. }, _) => {
+                let other = if is_caller { &call.callee } else { &call.caller };
+                let (other_user, other_conn) = (other.user.clone(), other.conn);
+                let data = Self::end_data(call, "ended");
+                if let Some(c) = other_conn {
+                    self.send(&other_user, c, "call:end", data);
+                }
+                self.finish(&id, EndReason::Ended, now);
+                Ok(id)
+            }
+        }
+    }
+
+    pub fn ice_candidate(&mut self, user: &str, conn: u64, chat_id: &str, candidate: Value) -> Result<String> {
+        let id = self.call_of(user, chat_id)?;
+        let call = self.calls.get(&id).expect("indexed call exists");
+        let data = json!({"chatId": call.chat_id, "callId": call.id, "candidate": candidate, "from": user});
+        let targets: Vec<(String, u64)> = if call.caller.user == user {
+            if call.caller.conn != Some(conn) {
+                return Err(CallErrorCode::NoSuchCall);
+            }
+            match &call.phase {
+                Phase::Ringing { devices } => devices.iter().map(|d| (call.callee.user.clone(), *d)).collect(),
+                Phase::Active { .. } => call.callee.conn.map(|c| (call.callee.user.clone(), c)).into_iter().collect(),
+            }
+        } else {
+            let from_call_device = match &call.phase {
+                Phase::Ringing { devices } => devices.contains(&conn),
+                Phase::Active { .. } => call.callee.conn == Some(conn),
+            };
+            if !from_call_device {
+                return Err(CallErrorCode::NoSuchCall);
+            }
+            call.caller.conn.map(|c| (call.caller.user.clone(), c)).into_iter().collect()
+        };
+        for (u, c) in targets {
+            self.send(&u, c, "call:ice-candidate", data.clone());
+        }
+        Ok(id)
+    }
+
+    /// `call:resume` from a party whose connection dropped, on its new connection.
+    pub fn resume(&mut self, user: &str, conn: u64, chat_id: &str, call_id: &str) -> Result<String> {
+        let id = self.call_of(user, chat_id)?;
+        if id != call_id {
+            return Err(CallErrorCode::NoSuchCall);
+        }
+        let call = self.calls.get_mut(&id).expect("indexed call exists");
+        let is_caller = call.caller.user == user;
+        if !is_caller && matches!(call.phase, Phase::Ringing { .. }) {
+            // A ringing callee has nothing to resume: its new connection already rings.
+            return Err(CallErrorCode::NoSuchCall);
+        }
+        let party = if is_caller { &mut call.caller } else { &mut call.callee };
+        if party.conn == Some(conn) {
+            return Ok(id); // already on this connection
+        }
+        if party.conn.is_some() {
+            return Err(CallErrorCode::NoSuchCall); // the call lives on another connection
+        }
+        party.conn = Some(conn);
+        party.away_until = None;
+        let data = Self::ids(call);
+        let others: Vec<(String, u64)> = if is_caller {
+            match &call.phase {
+                Phase::Ringing { devices } => devices.iter().map(|d| (call.callee.user.clone(), *d)).collect(),
+                Phase::Active { .. } => call.callee.conn.map(|c| (call.callee.user.clone(), c)).into_iter().collect(),
+            }
+        } else {
+            call.caller.conn.map(|c| (call.caller.user.clone(), c)).into_iter().collect()
+        };
+        for (u, c) in others {
+            self.send(&u, c, "call:peer-resumed", data.clone());
+        }
+        Ok(id)
+    }
+
+    /// Ends every call (the process is going away for good).
+    pub fn shutdown(&mut self, now: i64) {
+        let ids: Vec<String> = {
+            let mut ids: Vec<String> = self.calls.keys().cloned().collect();
+            ids.sort();
+            ids
+        };
+        for id in ids {
+            let call = &self.calls[&id];
+            let data = Self::end_data(call, "server_shutdown");
+            let mut targets: Vec<(String, u64)> = call.caller.conn.map(|c| (call.caller.user.clone(), c)).into_iter().collect();
+            match &call.phase {
+                Phase::Ringing { devices } => targets.extend(devices.iter().map(|d| (call.callee.user.clone(), *d))),
+                Phase::Active { .. } => targets.extend(call.callee.conn.map(|c| (call.callee.user.clone(), c))),
+            }
+            for (u, c) in targets {
+                self.send(&u, c, "call:end", data.clone());
+            }
+            self.finish(&id, EndReason::ServerShutdown, now);
+        }
+    }
+
+    // ---------------------------------------------------------------- timers
+
+    fn deadlines(call: &Call) -> impl Iterator<Item = i64> {
+        let ring = matches!(call.phase, Phase::Ringing { .. }).then_some(call.ring_deadline);
+        [ring, call.no_devices_until, call.caller.away_until, call.callee.away_until]
+            .into_iter()
+            .flatten()
+    }
+
+    pub fn poll_timeout(&self) -> Option<i64> {
+        self.calls.values().flat_map(Self::deadlines).min()
+    }
+
+    pub fn handle_timeout(&mut self, now: i64) {
+        let mut due: Vec<(i64, String)> = self
+            .calls
+            .values()
+            .filter_map(|c| Self::deadlines(c).min().filter(|d| *d <= now).map(|d| (d, c.id.clone())))
+            .collect();
+        due.sort();
+        for (_, id) in due {
+            self.expire(&id, now);
+        }
+    }
+
+    /// Applies the earliest expired deadline of one call.
+    fn expire(&mut self, id: &str, now: i64) {
+        let Some(call) = self.calls.get(id) else {
+            return;
+        };
+        let away = |p: &Party| p.away_until.is_some_and(|t| t <= now);
+        if away(&call.caller) || away(&call.callee) {
+            // A party did not come back: the other side hears connection_lost.
+            let data = Self::end_data(call, "connection_lost");
+            let mut targets: Vec<(String, u64)> = Vec::new();
+            if !away(&call.caller) {
+                targets.extend(call.caller.conn.map(|c| (call.caller.user.clone(), c)));
+            }
+            if !away(&call.callee) {
+                match &call.phase {
+                    Phase::Ringing { devices } => targets.extend(devices.iter().map(|d| (call.callee.user.clone(), *d))),
+                    Phase::Active { .. } => targets.extend(call.callee.conn.map(|c| (call.callee.user.clone(), c))),
+                }
+            }
+            for (u, c) in targets {
+                self.send(&u, c, "call:end", data.clone());
+            }
+            self.finish(id, EndReason::ConnectionLost, now);
+            return;
+        }
+        if call.no_devices_until.is_some_and(|t| t <= now) {
+            let data = json!({"chatId": call.chat_id, "code": "offline", "message": CallErrorCode::Offline.message()});
+            let caller = call.caller.user.clone();
+            if let Some(c) = call.caller.conn {
+                self.send(&caller, c, "call:error", data);
+            }
+            self.finish(id, EndReason::Offline, now);
+            return;
+        }
+        if let Phase::Ringing { devices } = &call.phase {
+            if call.ring_deadline <= now {
+                let ids = Self::ids(call);
+                let end = Self::end_data(call, "no_answer");
+                let (caller, callee) = (call.caller.user.clone(), call.callee.user.clone());
+                let caller_conn = call.caller.conn;
+                for d in devices.clone() {
+                    self.send(&callee, d, "call:end", end.clone());
+                }
+                if let Some(c) = caller_conn {
+                    self.send(&caller, c, "call:no-answer", ids);
+                }
+                self.finish(id, EndReason::NoAnswer, now);
+            }
+        }
+    }
+}
