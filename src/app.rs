@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,6 +14,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::auth::jwt::JwtKeys;
 use crate::auth::Accounts;
+use crate::calls::actor::Calls;
 use crate::config::Config;
 use crate::hub::node::Node;
 use crate::hub::{Hub, MemoryBroker};
@@ -32,6 +34,28 @@ pub struct AppState {
     /// Live WebSocket sessions, awaited on shutdown.
     pub tracker: TaskTracker,
     pub metrics: metrics_exporter_prometheus::PrometheusHandle,
+    pub calls: Calls,
+    /// Set when the process is stopping for good (SIGINT): sockets get 1001 instead of 1012
+    /// and calls end with `server_shutdown`.
+    pub going_away: AtomicBool,
+}
+
+impl AppState {
+    /// The close code for sessions when the server stops.
+    pub fn shutdown_close_code(&self) -> u16 {
+        if self.going_away.load(Ordering::Relaxed) {
+            crate::ws::protocol::close::GOING_AWAY
+        } else {
+            crate::ws::protocol::close::RESTARTING
+        }
+    }
+
+    /// Stop for good: end every call with `server_shutdown`, then shut down.
+    pub async fn go_away(&self) {
+        self.going_away.store(true, Ordering::Relaxed);
+        self.calls.end_all().await;
+        self.shutdown.cancel();
+    }
 }
 
 /// Reads a secret from the config or from `data_dir/<name>`, generating it there on first start.
@@ -127,6 +151,9 @@ pub struct Prepared {
     store: Arc<SqliteStore>,
     deliveries_stop: CancellationToken,
     background: Vec<tokio::task::JoinHandle<()>>,
+    calls_task: tokio::task::JoinHandle<()>,
+    /// Call records being written.
+    records: TaskTracker,
 }
 
 pub async fn prepare(mut config: Config, shutdown: CancellationToken) -> anyhow::Result<Prepared> {
@@ -153,6 +180,13 @@ pub async fn prepare(mut config: Config, shutdown: CancellationToken) -> anyhow:
     ));
     let accounts = Arc::new(Accounts::new(dyn_store, keys, config.auth.clone()));
     let deliveries_stop = CancellationToken::new();
+    let records = TaskTracker::new();
+    let (calls, calls_task) = Calls::spawn(
+        node.clone(),
+        config.calls.ring_timeout,
+        config.calls.reconnect_grace,
+        records.clone(),
+    );
     let background = vec![
         tokio::spawn(node.clone().run_presence(shutdown.clone())),
         tokio::spawn(node.clone().run_deliveries(deliveries_stop.clone())),
@@ -164,12 +198,16 @@ pub async fn prepare(mut config: Config, shutdown: CancellationToken) -> anyhow:
         shutdown,
         tracker: TaskTracker::new(),
         metrics: crate::telemetry::metrics_handle(),
+        calls,
+        going_away: AtomicBool::new(false),
     });
     Ok(Prepared {
         state,
         store,
         deliveries_stop,
         background,
+        calls_task,
+        records,
     })
 }
 
@@ -206,6 +244,15 @@ impl Prepared {
             .is_err()
         {
             tracing::warn!("some sessions did not close in time");
+        }
+        // Sessions are gone: no more call inputs. Stop the actor, then let its records land.
+        self.calls_task.abort();
+        self.records.close();
+        if tokio::time::timeout(DRAIN_TIMEOUT, self.records.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("some call records were not written in time");
         }
         self.deliveries_stop.cancel();
         for task in self.background {

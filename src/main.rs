@@ -83,13 +83,16 @@ async fn run(config: Config) -> anyhow::Result<()> {
         .await
         .map_err(|e| anyhow::anyhow!("http.listen {}: {e}", config.http.listen))?;
     let prepared = switchboard::app::prepare(config, shutdown.clone()).await?;
-    let signals = tokio::spawn(wait_for_signal(shutdown.clone()));
+    let signals = tokio::spawn(wait_for_signal(prepared.state().clone()));
     let result = prepared.run(listener).await;
     signals.abort();
     result
 }
 
-async fn wait_for_signal(shutdown: CancellationToken) {
+/// SIGTERM (what systemd sends on stop and on restart) is a restart: sockets get 1012 and
+/// clients reconnect. SIGINT (Ctrl-C) is going away for good: calls end with `server_shutdown`
+/// and sockets get 1001.
+async fn wait_for_signal(state: std::sync::Arc<switchboard::app::AppState>) {
     use tokio::signal::unix::{signal, SignalKind};
     let (Ok(mut term), Ok(mut int)) = (
         signal(SignalKind::terminate()),
@@ -99,8 +102,13 @@ async fn wait_for_signal(shutdown: CancellationToken) {
         return;
     };
     tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = int.recv() => tracing::info!("SIGINT received"),
+        _ = term.recv() => {
+            tracing::info!("SIGTERM received: restarting clients reconnect (1012)");
+            state.shutdown.cancel();
+        }
+        _ = int.recv() => {
+            tracing::info!("SIGINT received: going away (1001), ending calls");
+            state.go_away().await;
+        }
     }
-    shutdown.cancel();
 }

@@ -128,8 +128,12 @@ pub struct Initiate {
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Phase {
     /// Callee connections currently ringing.
-    Ringing { devices: BTreeSet<u64> },
-    Active { answered_at: i64 },
+    Ringing {
+        devices: BTreeSet<u64>,
+    },
+    Active {
+        answered_at: i64,
+    },
 }
 
 /// One side of a call: its connection, or when it went away.
@@ -391,11 +395,20 @@ impl Machine {
         Ok(req.call_id)
     }
 
-    pub fn answer(&mut self, user: &str, conn: u64, chat_id: &str, answer: Value, now: i64) -> Result<String> {
+    pub fn answer(
+        &mut self,
+        user: &str,
+        conn: u64,
+        chat_id: &str,
+        answer: Value,
+        now: i64,
+    ) -> Result<String> {
         let id = self.call_of(user, chat_id)?;
         let call = self.calls.get_mut(&id).expect("indexed call exists");
         let devices = match &call.phase {
-            Phase::Ringing { devices } if call.callee.user == user && devices.contains(&conn) => devices.clone(),
+            Phase::Ringing { devices } if call.callee.user == user && devices.contains(&conn) => {
+                devices.clone()
+            }
             _ => return Err(CallErrorCode::NoSuchCall),
         };
         call.phase = Phase::Active { answered_at: now };
@@ -451,7 +464,11 @@ impl Machine {
                 Ok(id)
             }
             (Phase::Active { .. }, _) => {
-                let other = if is_caller { &call.callee } else { &call.caller };
+                let other = if is_caller {
+                    &call.callee
+                } else {
+                    &call.caller
+                };
                 let (other_user, other_conn) = (other.user.clone(), other.conn);
                 let data = Self::end_data(call, "ended");
                 if let Some(c) = other_conn {
@@ -463,7 +480,13 @@ impl Machine {
         }
     }
 
-    pub fn ice_candidate(&mut self, user: &str, conn: u64, chat_id: &str, candidate: Value) -> Result<String> {
+    pub fn ice_candidate(
+        &mut self,
+        user: &str,
+        conn: u64,
+        chat_id: &str,
+        candidate: Value,
+    ) -> Result<String> {
         let id = self.call_of(user, chat_id)?;
         let call = self.calls.get(&id).expect("indexed call exists");
         let data = json!({"chatId": call.chat_id, "callId": call.id, "candidate": candidate, "from": user});
@@ -472,8 +495,16 @@ impl Machine {
                 return Err(CallErrorCode::NoSuchCall);
             }
             match &call.phase {
-                Phase::Ringing { devices } => devices.iter().map(|d| (call.callee.user.clone(), *d)).collect(),
-                Phase::Active { .. } => call.callee.conn.map(|c| (call.callee.user.clone(), c)).into_iter().collect(),
+                Phase::Ringing { devices } => devices
+                    .iter()
+                    .map(|d| (call.callee.user.clone(), *d))
+                    .collect(),
+                Phase::Active { .. } => call
+                    .callee
+                    .conn
+                    .map(|c| (call.callee.user.clone(), c))
+                    .into_iter()
+                    .collect(),
             }
         } else {
             let from_call_device = match &call.phase {
@@ -483,7 +514,11 @@ impl Machine {
             if !from_call_device {
                 return Err(CallErrorCode::NoSuchCall);
             }
-            call.caller.conn.map(|c| (call.caller.user.clone(), c)).into_iter().collect()
+            call.caller
+                .conn
+                .map(|c| (call.caller.user.clone(), c))
+                .into_iter()
+                .collect()
         };
         for (u, c) in targets {
             self.send(&u, c, "call:ice-candidate", data.clone());
@@ -492,7 +527,13 @@ impl Machine {
     }
 
     /// `call:resume` from a party whose connection dropped, on its new connection.
-    pub fn resume(&mut self, user: &str, conn: u64, chat_id: &str, call_id: &str) -> Result<String> {
+    pub fn resume(
+        &mut self,
+        user: &str,
+        conn: u64,
+        chat_id: &str,
+        call_id: &str,
+    ) -> Result<String> {
         let id = self.call_of(user, chat_id)?;
         if id != call_id {
             return Err(CallErrorCode::NoSuchCall);
@@ -503,7 +544,11 @@ impl Machine {
             // A ringing callee has nothing to resume: its new connection already rings.
             return Err(CallErrorCode::NoSuchCall);
         }
-        let party = if is_caller { &mut call.caller } else { &mut call.callee };
+        let party = if is_caller {
+            &mut call.caller
+        } else {
+            &mut call.callee
+        };
         if party.conn == Some(conn) {
             return Ok(id); // already on this connection
         }
@@ -515,11 +560,23 @@ impl Machine {
         let data = Self::ids(call);
         let others: Vec<(String, u64)> = if is_caller {
             match &call.phase {
-                Phase::Ringing { devices } => devices.iter().map(|d| (call.callee.user.clone(), *d)).collect(),
-                Phase::Active { .. } => call.callee.conn.map(|c| (call.callee.user.clone(), c)).into_iter().collect(),
+                Phase::Ringing { devices } => devices
+                    .iter()
+                    .map(|d| (call.callee.user.clone(), *d))
+                    .collect(),
+                Phase::Active { .. } => call
+                    .callee
+                    .conn
+                    .map(|c| (call.callee.user.clone(), c))
+                    .into_iter()
+                    .collect(),
             }
         } else {
-            call.caller.conn.map(|c| (call.caller.user.clone(), c)).into_iter().collect()
+            call.caller
+                .conn
+                .map(|c| (call.caller.user.clone(), c))
+                .into_iter()
+                .collect()
         };
         for (u, c) in others {
             self.send(&u, c, "call:peer-resumed", data.clone());
@@ -537,10 +594,19 @@ impl Machine {
         for id in ids {
             let call = &self.calls[&id];
             let data = Self::end_data(call, "server_shutdown");
-            let mut targets: Vec<(String, u64)> = call.caller.conn.map(|c| (call.caller.user.clone(), c)).into_iter().collect();
+            let mut targets: Vec<(String, u64)> = call
+                .caller
+                .conn
+                .map(|c| (call.caller.user.clone(), c))
+                .into_iter()
+                .collect();
             match &call.phase {
-                Phase::Ringing { devices } => targets.extend(devices.iter().map(|d| (call.callee.user.clone(), *d))),
-                Phase::Active { .. } => targets.extend(call.callee.conn.map(|c| (call.callee.user.clone(), c))),
+                Phase::Ringing { devices } => {
+                    targets.extend(devices.iter().map(|d| (call.callee.user.clone(), *d)))
+                }
+                Phase::Active { .. } => {
+                    targets.extend(call.callee.conn.map(|c| (call.callee.user.clone(), c)))
+                }
             }
             for (u, c) in targets {
                 self.send(&u, c, "call:end", data.clone());
@@ -553,9 +619,14 @@ impl Machine {
 
     fn deadlines(call: &Call) -> impl Iterator<Item = i64> {
         let ring = matches!(call.phase, Phase::Ringing { .. }).then_some(call.ring_deadline);
-        [ring, call.no_devices_until, call.caller.away_until, call.callee.away_until]
-            .into_iter()
-            .flatten()
+        [
+            ring,
+            call.no_devices_until,
+            call.caller.away_until,
+            call.callee.away_until,
+        ]
+        .into_iter()
+        .flatten()
     }
 
     pub fn poll_timeout(&self) -> Option<i64> {
@@ -566,7 +637,12 @@ impl Machine {
         let mut due: Vec<(i64, String)> = self
             .calls
             .values()
-            .filter_map(|c| Self::deadlines(c).min().filter(|d| *d <= now).map(|d| (d, c.id.clone())))
+            .filter_map(|c| {
+                Self::deadlines(c)
+                    .min()
+                    .filter(|d| *d <= now)
+                    .map(|d| (d, c.id.clone()))
+            })
             .collect();
         due.sort();
         for (_, id) in due {
@@ -589,8 +665,12 @@ impl Machine {
             }
             if !away(&call.callee) {
                 match &call.phase {
-                    Phase::Ringing { devices } => targets.extend(devices.iter().map(|d| (call.callee.user.clone(), *d))),
-                    Phase::Active { .. } => targets.extend(call.callee.conn.map(|c| (call.callee.user.clone(), c))),
+                    Phase::Ringing { devices } => {
+                        targets.extend(devices.iter().map(|d| (call.callee.user.clone(), *d)))
+                    }
+                    Phase::Active { .. } => {
+                        targets.extend(call.callee.conn.map(|c| (call.callee.user.clone(), c)))
+                    }
                 }
             }
             for (u, c) in targets {

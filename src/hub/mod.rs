@@ -50,6 +50,8 @@ pub struct Envelope {
     pub only_open_chat: Option<String>,
     /// Not to this connection (e.g. the one that caused it).
     pub except_conn: Option<u64>,
+    /// Only to this connection (call signaling addresses one device).
+    pub only_conn: Option<u64>,
     pub out: Outbound,
 }
 
@@ -152,7 +154,7 @@ impl Hub {
                 continue;
             };
             for (id, conn) in user_conns {
-                if env.except_conn == Some(*id) {
+                if env.except_conn == Some(*id) || env.only_conn.is_some_and(|c| c != *id) {
                     continue;
                 }
                 if let Some(chat) = &env.only_open_chat {
@@ -188,6 +190,7 @@ mod tests {
             users: users.iter().map(|u| u.to_string()).collect(),
             only_open_chat: None,
             except_conn: None,
+            only_conn: None,
             out: Outbound::frame(text),
         }
     }

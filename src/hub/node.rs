@@ -62,6 +62,7 @@ impl Node {
             users,
             only_open_chat: None,
             except_conn: None,
+            only_conn: None,
             out: Outbound::frame(text),
         });
     }
@@ -77,6 +78,7 @@ impl Node {
             users: members.iter().map(|m| m.user_id.clone()).collect(),
             only_open_chat: None,
             except_conn: None,
+            only_conn: None,
             out: Outbound {
                 text: push("message", &wire).into(),
                 delivery: Some(super::Delivery {
@@ -170,6 +172,7 @@ impl Node {
             users: others,
             only_open_chat: Some(chat_id.to_owned()),
             except_conn: None,
+            only_conn: None,
             out: Outbound::frame(push(event, json!({"userId": user_id, "chatId": chat_id}))),
         });
     }

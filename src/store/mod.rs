@@ -38,6 +38,7 @@ pub struct NewMessage {
     pub content: String,
     pub client_msg_id: Option<String>,
     pub forwarded_from: Option<ForwardedFrom>,
+    pub call: Option<CallMeta>,
     pub created_at: i64,
 }
 
@@ -107,6 +108,14 @@ pub trait Store: Send + Sync + 'static {
     async fn pinned(&self, chat_id: &str) -> StoreResult<Vec<MessageRecord>>;
     /// Sets the pinned flag; returns the message and whether it changed.
     async fn set_pinned(&self, id: &str, pinned: bool) -> StoreResult<(MessageRecord, bool)>;
+
+    // --- calls
+    /// Records a finished call and its event message in the chat, in one transaction.
+    async fn record_call(
+        &self,
+        call: CallRecord,
+        message: NewMessage,
+    ) -> StoreResult<MessageRecord>;
 
     // --- cursors
     /// Moves the cursors forward (never back). A `Read` cursor also moves `Delivered`.

@@ -109,6 +109,32 @@ pub struct ForwardedFrom {
     pub sender_id: String,
 }
 
+/// What a call event message says about its call (`Message.call`).
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct CallMeta {
+    pub call_id: String,
+    pub call_type: String,
+    /// The end reason: `ended`, `no_answer`, `rejected`, `cancelled`, `offline`, ...
+    pub outcome: String,
+    /// Talk time in milliseconds; 0 when it was never answered.
+    pub duration_ms: i64,
+}
+
+/// A finished call to record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CallRecord {
+    pub id: String,
+    pub chat_id: String,
+    pub caller_id: String,
+    pub callee_id: String,
+    pub call_type: String,
+    pub started_at: i64,
+    pub answered_at: Option<i64>,
+    pub ended_at: i64,
+    pub end_reason: String,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MessageRecord {
     pub id: String,
@@ -120,6 +146,7 @@ pub struct MessageRecord {
     pub created_at: i64,
     pub pinned: bool,
     pub forwarded_from: Option<ForwardedFrom>,
+    pub call: Option<CallMeta>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -154,6 +181,9 @@ pub struct Message {
     pub status: MessageStatus,
     pub pinned: bool,
     pub forwarded_from: Option<ForwardedFrom>,
+    /// `text`, or `call` for a call event (then `call` says which and how it went).
+    pub kind: &'static str,
+    pub call: Option<CallMeta>,
 }
 
 impl MessageRecord {
@@ -169,6 +199,8 @@ impl MessageRecord {
             status,
             pinned: self.pinned,
             forwarded_from: self.forwarded_from.clone(),
+            kind: if self.call.is_some() { "call" } else { "text" },
+            call: self.call.clone(),
         }
     }
 }

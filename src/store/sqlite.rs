@@ -24,7 +24,7 @@ pub struct SqliteStore {
 }
 
 const MESSAGE_COLUMNS: &str = "id, chat_id, seq, sender_id, content, client_msg_id, created_at, \
-     pinned, fwd_message_id, fwd_chat_id, fwd_sender_id";
+     pinned, fwd_message_id, fwd_chat_id, fwd_sender_id, call_meta";
 
 impl SqliteStore {
     /// Opens (creating if needed) the database file and runs the embedded migrations.
@@ -126,7 +126,7 @@ impl SqliteStore {
         let fwd = msg.forwarded_from.as_ref();
         sqlx::query(
             "INSERT INTO messages (id, chat_id, seq, sender_id, content, client_msg_id, created_at, \
-             pinned, fwd_message_id, fwd_chat_id, fwd_sender_id) VALUES (?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?)",
+             pinned, fwd_message_id, fwd_chat_id, fwd_sender_id, call_meta) VALUES (?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?, ?)",
         )
         .bind(&msg.id)
         .bind(&msg.chat_id)
@@ -138,6 +138,7 @@ impl SqliteStore {
         .bind(fwd.map(|f| f.message_id.clone()))
         .bind(fwd.map(|f| f.chat_id.clone()))
         .bind(fwd.map(|f| f.sender_id.clone()))
+        .bind(msg.call.as_ref().map(|c| serde_json::to_string(c).expect("plain struct serialises")))
         .execute(&mut **tx)
         .await?;
         Ok((
@@ -151,6 +152,7 @@ impl SqliteStore {
                 created_at: msg.created_at,
                 pinned: false,
                 forwarded_from: msg.forwarded_from,
+                call: msg.call,
             },
             true,
         ))
@@ -212,6 +214,7 @@ fn user_from_row(r: &SqliteRow) -> UserRecord {
 
 fn message_from_row(r: &SqliteRow) -> MessageRecord {
     let fwd_id: Option<String> = r.get("fwd_message_id");
+    let call_meta: Option<String> = r.get("call_meta");
     MessageRecord {
         id: r.get("id"),
         chat_id: r.get("chat_id"),
@@ -226,6 +229,8 @@ fn message_from_row(r: &SqliteRow) -> MessageRecord {
             chat_id: r.get("fwd_chat_id"),
             sender_id: r.get("fwd_sender_id"),
         }),
+        // Written by us from the same struct; an unreadable value is shown as a text message.
+        call: call_meta.and_then(|j| serde_json::from_str(&j).ok()),
     }
 }
 
@@ -612,6 +617,32 @@ impl Store for SqliteStore {
         .await?
         .ok_or(StoreError::NotFound)?;
         Ok((message_from_row(&row), res.rows_affected() > 0))
+    }
+
+    async fn record_call(
+        &self,
+        call: CallRecord,
+        message: NewMessage,
+    ) -> StoreResult<MessageRecord> {
+        let mut tx = self.writer.begin().await?;
+        sqlx::query(
+            "INSERT INTO calls (id, chat_id, caller_id, callee_id, call_type, started_at, answered_at, \
+             ended_at, end_reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&call.id)
+        .bind(&call.chat_id)
+        .bind(&call.caller_id)
+        .bind(&call.callee_id)
+        .bind(&call.call_type)
+        .bind(call.started_at)
+        .bind(call.answered_at)
+        .bind(call.ended_at)
+        .bind(&call.end_reason)
+        .execute(&mut *tx)
+        .await?;
+        let (record, _) = Self::insert_one(&mut tx, message).await?;
+        tx.commit().await?;
+        Ok(record)
     }
 
     async fn advance_cursors(&self, updates: Vec<CursorUpdate>) -> StoreResult<Vec<StatusChange>> {

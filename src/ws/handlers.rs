@@ -365,6 +365,7 @@ async fn send_message(
             content: req.content,
             client_msg_id: req.client_msg_id,
             forwarded_from: None,
+            call: None,
             created_at: now_ms(),
         }])
         .await?;
@@ -422,6 +423,7 @@ async fn forward(
             content,
             client_msg_id: None,
             forwarded_from: None,
+            call: None,
             created_at: now,
         });
     }
@@ -439,6 +441,7 @@ async fn forward(
             content: m.content,
             client_msg_id: None,
             forwarded_from: Some(origin),
+            call: None,
             created_at: now,
         });
     }

@@ -35,6 +35,12 @@ pub const KNOWN_EVENTS: &[&str] = &[
     "typing-stop",
     "ping",
     "auth:refresh",
+    "call:initiate",
+    "call:answer",
+    "call:reject",
+    "call:end",
+    "call:ice-candidate",
+    "call:resume",
 ];
 
 /// The metrics label for an event name.

@@ -119,6 +119,7 @@ where
     metrics::gauge!("switchboard_ws_connections").increment(1.0);
     // Presence goes up here and down at the end, on every path between.
     state.node.connected(&user_id).await;
+    state.calls.connection_up(&user_id, conn.conn_id).await;
     let end = if socket.send(text(hello)).await.is_err() {
         End::Gone
     } else {
@@ -136,9 +137,10 @@ where
         };
         tokio::select! {
             _ = finish_close(&mut socket, code, reason, linger) => {}
-            _ = state.shutdown.cancelled(), if code != close::RESTARTING => {}
+            _ = state.shutdown.cancelled(), if code != close::RESTARTING && code != close::GOING_AWAY => {}
         }
     }
+    state.calls.connection_down(&user_id, conn.conn_id).await;
     state.node.disconnected(&user_id).await;
     tracing::debug!(user_id = %user_id, conn_id = conn.conn_id, "ws closed");
 }
@@ -166,7 +168,12 @@ where
         let token_deadline = token_deadline(token_expires_at);
         tokio::select! {
             biased;
-            _ = shutdown.cancelled() => return End::Close(close::RESTARTING, "server restarting"),
+            _ = shutdown.cancelled() => {
+                drain_queue(socket, reg).await;
+                let code = state.shutdown_close_code();
+                let reason = if code == close::GOING_AWAY { "server going away" } else { "server restarting" };
+                return End::Close(code, reason);
+            }
             _ = kill.cancelled() => return End::Close(close::TOO_SLOW, "send queue overflow"),
             _ = sleep_until(token_deadline) => {
                 let err = ApiError::unauthorized("token expired");
@@ -268,6 +275,27 @@ async fn process(
     };
     metrics::counter!("switchboard_ws_events_total", "event" => p::event_label(&inbound.event))
         .increment(1);
+    if inbound.event.starts_with("call:") {
+        return match super::calls::handle(state, conn, &inbound.event, &inbound.data).await {
+            Ok(data) => Output {
+                frames: inbound
+                    .id
+                    .map(|id| p::reply_ok(id, data))
+                    .into_iter()
+                    .collect(),
+                delivered: Vec::new(),
+            },
+            Err(f) => {
+                metrics::counter!("switchboard_ws_errors_total", "code" => f.code).increment(1);
+                let mut frames = vec![f.push()];
+                frames.extend(inbound.id.map(|id| f.reply(id)));
+                Output {
+                    frames,
+                    delivered: Vec::new(),
+                }
+            }
+        };
+    }
     match handlers::handle(state, conn, &inbound.event, &inbound.data).await {
         Ok(h) => {
             if let Some(exp) = h.new_expiry {
@@ -298,6 +326,22 @@ async fn process(
             }
         }
     }
+}
+
+/// Writes what is already queued for this connection (e.g. the `call:end` of a shutdown),
+/// within a short bound: a stopping server does not wait for slow readers.
+async fn drain_queue<S>(socket: &mut S, reg: &mut crate::hub::Registration)
+where
+    S: Sink<Message, Error = axum::Error> + Unpin,
+{
+    let _ = tokio::time::timeout(CLOSE_LINGER, async {
+        while let Ok(out) = reg.rx.try_recv() {
+            if socket.send(text_shared(&out.text)).await.is_err() {
+                return;
+            }
+        }
+    })
+    .await;
 }
 
 fn token_deadline(expires_at_secs: i64) -> Instant {

@@ -4,6 +4,7 @@
 #![allow(clippy::disallowed_methods)] // tests read the clock freely
 #![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 
+mod calls;
 mod common;
 mod process;
 mod resilience;

@@ -491,3 +491,63 @@ async fn metrics_endpoint_speaks_prometheus() {
         "{text}"
     );
 }
+
+#[tokio::test]
+async fn sigint_ends_calls_with_server_shutdown_and_closes_with_1001() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut p = Proc::spawn(dir.path(), &[]);
+    let http = reqwest::Client::new();
+    let a = register(&http, &p, "alice").await;
+    let b = register(&http, &p, "bob").await;
+    let body: Value = http
+        .post(p.url("/api/chats"))
+        .bearer_auth(&a.token)
+        .json(&json!({"participantIds": [b.id]}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let chat = body["chat"]["id"].as_str().unwrap().to_owned();
+    let mut wa = Ws::connect(p.addr, &a.token).await;
+    let mut wb = Ws::connect(p.addr, &b.token).await;
+    let offer = json!({"type": "offer", "sdp": "v=0"});
+    wa.ok(
+        "call:initiate",
+        json!({"chatId": chat, "offer": offer, "callType": "audio"}),
+    )
+    .await;
+    wb.event("call:offer").await;
+    wb.ok(
+        "call:answer",
+        json!({"chatId": chat, "answer": {"type": "answer", "sdp": "v=0"}}),
+    )
+    .await;
+    wa.event("call:answer").await;
+
+    let pid = p.child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .unwrap()
+        .success());
+    for ws in [&mut wa, &mut wb] {
+        assert_eq!(ws.event("call:end").await["reason"], "server_shutdown");
+        assert_eq!(ws.close_code().await, Some(1001));
+    }
+    assert_eq!(p.child.wait().unwrap().code(), Some(0));
+    // The call was recorded before the process exited.
+    let p = Proc::spawn(dir.path(), &[]);
+    let page: Value = http
+        .get(p.url(&format!("/api/chats/{chat}/messages")))
+        .bearer_auth(&a.token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let last = page["messages"].as_array().unwrap().last().unwrap().clone();
+    assert_eq!(last["call"]["outcome"], "server_shutdown", "{page}");
+}

@@ -1,0 +1,560 @@
+//! Scenario tests for the call machine: one input at an explicit instant, the exact commands
+//! expected, then nothing left.
+
+use serde_json::{json, Value};
+
+use super::machine::*;
+
+const RING: i64 = 30_000;
+const GRACE: i64 = 15_000;
+
+fn machine() -> Machine {
+    Machine::new(RING, GRACE)
+}
+
+fn drain(m: &mut Machine) -> Vec<Command> {
+    std::iter::from_fn(|| m.poll_command()).collect()
+}
+
+fn send(user: &str, conn: u64, event: &'static str, data: Value) -> Command {
+    Command::Send {
+        user: user.into(),
+        conn,
+        event,
+        data,
+    }
+}
+
+fn offer() -> Value {
+    json!({"type": "offer", "sdp": "v=0 offer"})
+}
+
+fn offer_push(call: &str) -> Value {
+    json!({"chatId": "chat-ab", "callId": call, "callerId": "a", "callType": "video", "offer": offer()})
+}
+
+fn ids(call: &str) -> Value {
+    json!({"chatId": "chat-ab", "callId": call})
+}
+
+fn end(call: &str, reason: &str) -> Value {
+    json!({"chatId": "chat-ab", "callId": call, "reason": reason})
+}
+
+fn summary(
+    call: &str,
+    started: i64,
+    answered: Option<i64>,
+    ended: i64,
+    reason: EndReason,
+) -> Command {
+    Command::Ended(CallSummary {
+        call_id: call.into(),
+        chat_id: "chat-ab".into(),
+        caller_id: "a".into(),
+        callee_id: "b".into(),
+        call_type: CallType::Video,
+        started_at: started,
+        answered_at: answered,
+        ended_at: ended,
+        reason,
+    })
+}
+
+fn initiate(call: &str, callee: &str) -> Initiate {
+    Initiate {
+        call_id: call.into(),
+        chat_id: "chat-ab".into(),
+        callee_id: callee.into(),
+        call_type: CallType::Video,
+        offer: offer(),
+    }
+}
+
+/// A (conn 1) online, B online on conns 2 and 3, C on conn 7; A calls B at t=0.
+fn ringing() -> Machine {
+    let mut m = machine();
+    m.connection_up("a", 1, 0);
+    m.connection_up("b", 2, 0);
+    m.connection_up("b", 3, 0);
+    m.connection_up("c", 7, 0);
+    assert!(drain(&mut m).is_empty());
+    assert_eq!(m.initiate("a", 1, initiate("k1", "b"), 0), Ok("k1".into()));
+    assert_eq!(
+        drain(&mut m),
+        vec![
+            send("b", 2, "call:offer", offer_push("k1")),
+            send("b", 3, "call:offer", offer_push("k1"))
+        ]
+    );
+    m
+}
+
+/// `ringing()`, then B answers on conn 2 at t=1000.
+fn active() -> Machine {
+    let mut m = ringing();
+    let answer = json!({"type": "answer", "sdp": "v=0 answer"});
+    assert_eq!(
+        m.answer("b", 2, "chat-ab", answer.clone(), 1000),
+        Ok("k1".into())
+    );
+    assert_eq!(
+        drain(&mut m),
+        vec![
+            send(
+                "a",
+                1,
+                "call:answer",
+                json!({"chatId": "chat-ab", "callId": "k1", "answer": answer})
+            ),
+            send("b", 3, "call:end", end("k1", "answered_elsewhere")),
+        ]
+    );
+    m
+}
+
+#[test]
+fn successful_call_relays_candidates_and_ends() {
+    let mut m = ringing();
+    // While ringing, the caller's candidates go to every ringing device.
+    assert_eq!(
+        m.ice_candidate("a", 1, "chat-ab", json!("cand-a1")),
+        Ok("k1".into())
+    );
+    let c = json!({"chatId": "chat-ab", "callId": "k1", "candidate": "cand-a1", "from": "a"});
+    assert_eq!(
+        drain(&mut m),
+        vec![
+            send("b", 2, "call:ice-candidate", c.clone()),
+            send("b", 3, "call:ice-candidate", c)
+        ]
+    );
+    // A ringing device may send its own candidates to the caller.
+    assert_eq!(
+        m.ice_candidate("b", 3, "chat-ab", json!("cand-b3")),
+        Ok("k1".into())
+    );
+    assert_eq!(
+        drain(&mut m),
+        vec![send(
+            "a",
+            1,
+            "call:ice-candidate",
+            json!({"chatId": "chat-ab", "callId": "k1", "candidate": "cand-b3", "from": "b"})
+        )]
+    );
+    let answer = json!({"type": "answer", "sdp": "v=0 answer"});
+    m.answer("b", 2, "chat-ab", answer.clone(), 1000).unwrap();
+    assert_eq!(
+        drain(&mut m),
+        vec![
+            send(
+                "a",
+                1,
+                "call:answer",
+                json!({"chatId": "chat-ab", "callId": "k1", "answer": answer})
+            ),
+            send("b", 3, "call:end", end("k1", "answered_elsewhere")),
+        ]
+    );
+    // Then only the answering device gets the caller's candidates.
+    m.ice_candidate("a", 1, "chat-ab", json!("cand-a2"))
+        .unwrap();
+    assert_eq!(
+        drain(&mut m),
+        vec![send(
+            "b",
+            2,
+            "call:ice-candidate",
+            json!({"chatId": "chat-ab", "callId": "k1", "candidate": "cand-a2", "from": "a"})
+        )]
+    );
+    // The other device is out of the call now.
+    assert_eq!(
+        m.ice_candidate("b", 3, "chat-ab", json!("x")),
+        Err(CallErrorCode::NoSuchCall)
+    );
+    assert!(drain(&mut m).is_empty());
+    assert_eq!(m.poll_timeout(), None, "no ring timer once answered");
+    assert_eq!(m.end("b", 2, "chat-ab", 61_000), Ok("k1".into()));
+    assert_eq!(
+        drain(&mut m),
+        vec![
+            send("a", 1, "call:end", end("k1", "ended")),
+            summary("k1", 0, Some(1000), 61_000, EndReason::Ended)
+        ]
+    );
+    assert!(!m.is_engaged("a") && !m.is_engaged("b"));
+    assert_eq!(m.active_calls(), 0);
+}
+
+#[test]
+fn initiate_checks_in_order() {
+    let mut m = ringing();
+    // The caller is engaged.
+    assert_eq!(
+        m.initiate("a", 1, initiate("k2", "c"), 5),
+        Err(CallErrorCode::CallerBusy)
+    );
+    // The callee has no live connection.
+    m.connection_up("d", 8, 5);
+    assert_eq!(
+        m.initiate("d", 8, initiate("k3", "e"), 5),
+        Err(CallErrorCode::Offline)
+    );
+    // The callee is engaged (ringing counts).
+    assert_eq!(
+        m.initiate("c", 7, initiate("k4", "b"), 5),
+        Err(CallErrorCode::Busy)
+    );
+    assert_eq!(
+        m.initiate("c", 7, initiate("k5", "a"), 5),
+        Err(CallErrorCode::Busy)
+    );
+    // Offline wins over busy: both are about the callee, offline is checked first.
+    m.connection_down("b", 2, 6);
+    m.connection_down("b", 3, 6);
+    assert_eq!(
+        m.initiate("c", 7, initiate("k6", "b"), 7),
+        Err(CallErrorCode::Offline)
+    );
+    assert!(drain(&mut m).is_empty(), "failed initiates change nothing");
+}
+
+#[test]
+fn glare_keeps_the_first_call_and_the_second_caller_hears_busy() {
+    let mut m = ringing();
+    // B calls A in the same chat while A's call rings B.
+    assert_eq!(
+        m.initiate(
+            "b",
+            2,
+            Initiate {
+                callee_id: "a".into(),
+                ..initiate("k9", "a")
+            },
+            10
+        ),
+        Err(CallErrorCode::Busy)
+    );
+    assert!(drain(&mut m).is_empty());
+    assert_eq!(m.active_calls(), 1);
+    // A's call is intact: B can answer it.
+    assert_eq!(m.answer("b", 2, "chat-ab", json!({}), 20), Ok("k1".into()));
+}
+
+#[test]
+fn reject_tells_the_caller_and_the_other_devices() {
+    let mut m = ringing();
+    assert_eq!(m.reject("b", 3, "chat-ab", 4000), Ok("k1".into()));
+    assert_eq!(
+        drain(&mut m),
+        vec![
+            send("a", 1, "call:rejected", ids("k1")),
+            send("b", 2, "call:end", end("k1", "rejected")),
+            summary("k1", 0, None, 4000, EndReason::Rejected),
+        ]
+    );
+    assert!(!m.is_engaged("a") && !m.is_engaged("b"));
+}
+
+#[test]
+fn caller_cancels_while_ringing() {
+    let mut m = ringing();
+    assert_eq!(m.end("a", 1, "chat-ab", 3000), Ok("k1".into()));
+    assert_eq!(
+        drain(&mut m),
+        vec![
+            send("b", 2, "call:end", end("k1", "cancelled")),
+            send("b", 3, "call:end", end("k1", "cancelled")),
+            summary("k1", 0, None, 3000, EndReason::Cancelled),
+        ]
+    );
+}
+
+#[test]
+fn callee_end_while_ringing_is_a_reject() {
+    let mut m = ringing();
+    assert_eq!(m.end("b", 2, "chat-ab", 3000), Ok("k1".into()));
+    assert_eq!(
+        drain(&mut m),
+        vec![
+            send("a", 1, "call:rejected", ids("k1")),
+            send("b", 3, "call:end", end("k1", "rejected")),
+            summary("k1", 0, None, 3000, EndReason::Rejected),
+        ]
+    );
+}
+
+#[test]
+fn ring_timeout_at_its_exact_deadline() {
+    let mut m = ringing();
+    assert_eq!(m.poll_timeout(), Some(RING));
+    m.handle_timeout(RING - 1);
+    assert!(drain(&mut m).is_empty());
+    m.handle_timeout(RING);
+    assert_eq!(
+        drain(&mut m),
+        vec![
+            send("b", 2, "call:end", end("k1", "no_answer")),
+            send("b", 3, "call:end", end("k1", "no_answer")),
+            send("a", 1, "call:no-answer", ids("k1")),
+            summary("k1", 0, None, RING, EndReason::NoAnswer),
+        ]
+    );
+    assert_eq!(m.poll_timeout(), None);
+    assert!(!m.is_engaged("b"));
+}
+
+#[test]
+fn callee_drop_and_resume_within_grace_keeps_the_call() {
+    let mut m = active();
+    m.connection_down("b", 2, 5000);
+    assert_eq!(
+        drain(&mut m),
+        vec![send("a", 1, "call:peer-reconnecting", ids("k1"))]
+    );
+    assert_eq!(m.poll_timeout(), Some(5000 + GRACE));
+    m.connection_up("b", 4, 9000);
+    assert!(
+        drain(&mut m).is_empty(),
+        "an active call does not ring the new connection"
+    );
+    assert_eq!(
+        m.resume("b", 4, "chat-ab", "wrong-id"),
+        Err(CallErrorCode::NoSuchCall)
+    );
+    assert_eq!(m.resume("b", 4, "chat-ab", "k1"), Ok("k1".into()));
+    assert_eq!(
+        drain(&mut m),
+        vec![send("a", 1, "call:peer-resumed", ids("k1"))]
+    );
+    assert_eq!(m.poll_timeout(), None);
+    m.handle_timeout(5000 + GRACE);
+    assert!(drain(&mut m).is_empty());
+    // Candidates now reach the new connection.
+    m.ice_candidate("a", 1, "chat-ab", json!("c")).unwrap();
+    assert_eq!(
+        drain(&mut m),
+        vec![send(
+            "b",
+            4,
+            "call:ice-candidate",
+            json!({"chatId": "chat-ab", "callId": "k1", "candidate": "c", "from": "a"})
+        )]
+    );
+}
+
+#[test]
+fn drop_without_return_is_connection_lost_at_the_grace_deadline() {
+    let mut m = active();
+    m.connection_down("a", 1, 5000);
+    assert_eq!(
+        drain(&mut m),
+        vec![send("b", 2, "call:peer-reconnecting", ids("k1"))]
+    );
+    m.handle_timeout(5000 + GRACE - 1);
+    assert!(drain(&mut m).is_empty());
+    m.handle_timeout(5000 + GRACE);
+    assert_eq!(
+        drain(&mut m),
+        vec![
+            send("b", 2, "call:end", end("k1", "connection_lost")),
+            summary("k1", 0, Some(1000), 5000 + GRACE, EndReason::ConnectionLost),
+        ]
+    );
+    // Resuming after that is a stale event.
+    m.connection_up("a", 5, 30_000);
+    assert_eq!(
+        m.resume("a", 5, "chat-ab", "k1"),
+        Err(CallErrorCode::NoSuchCall)
+    );
+}
+
+#[test]
+fn zero_grace_ends_at_once() {
+    let mut m = Machine::new(RING, 0);
+    m.connection_up("a", 1, 0);
+    m.connection_up("b", 2, 0);
+    m.initiate("a", 1, initiate("k1", "b"), 0).unwrap();
+    m.answer("b", 2, "chat-ab", json!({}), 10).unwrap();
+    drain(&mut m);
+    m.connection_down("b", 2, 20);
+    assert_eq!(
+        drain(&mut m),
+        vec![
+            send("a", 1, "call:peer-reconnecting", ids("k1")),
+            send("a", 1, "call:end", end("k1", "connection_lost")),
+            summary("k1", 0, Some(10), 20, EndReason::ConnectionLost),
+        ]
+    );
+}
+
+#[test]
+fn ringing_devices_that_all_drop_mean_offline_after_the_grace() {
+    let mut m = ringing();
+    m.connection_down("b", 2, 1000);
+    assert!(
+        drain(&mut m).is_empty(),
+        "a ringing device that drops just stops ringing"
+    );
+    m.connection_down("b", 3, 2000);
+    assert!(drain(&mut m).is_empty());
+    assert_eq!(m.poll_timeout(), Some(2000 + GRACE));
+    m.handle_timeout(2000 + GRACE);
+    assert_eq!(
+        drain(&mut m),
+        vec![
+            send(
+                "a",
+                1,
+                "call:error",
+                json!({"chatId": "chat-ab", "code": "offline", "message": "the user is offline"})
+            ),
+            summary("k1", 0, None, 2000 + GRACE, EndReason::Offline),
+        ]
+    );
+}
+
+#[test]
+fn a_callee_that_reconnects_while_called_rings_again() {
+    let mut m = ringing();
+    m.connection_down("b", 2, 1000);
+    m.connection_down("b", 3, 1000);
+    m.connection_up("b", 4, 3000);
+    assert_eq!(
+        drain(&mut m),
+        vec![send("b", 4, "call:offer", offer_push("k1"))]
+    );
+    assert_eq!(m.poll_timeout(), Some(RING), "only the ring timer is left");
+    assert_eq!(
+        m.answer("b", 4, "chat-ab", json!({}), 4000),
+        Ok("k1".into())
+    );
+}
+
+#[test]
+fn caller_drop_while_ringing() {
+    let mut m = ringing();
+    m.connection_down("a", 1, 1000);
+    assert_eq!(
+        drain(&mut m),
+        vec![
+            send("b", 2, "call:peer-reconnecting", ids("k1")),
+            send("b", 3, "call:peer-reconnecting", ids("k1"))
+        ]
+    );
+    m.handle_timeout(1000 + GRACE);
+    assert_eq!(
+        drain(&mut m),
+        vec![
+            send("b", 2, "call:end", end("k1", "connection_lost")),
+            send("b", 3, "call:end", end("k1", "connection_lost")),
+            summary("k1", 0, None, 1000 + GRACE, EndReason::ConnectionLost),
+        ]
+    );
+}
+
+#[test]
+fn caller_resumes_while_ringing() {
+    let mut m = ringing();
+    m.connection_down("a", 1, 1000);
+    drain(&mut m);
+    m.connection_up("a", 9, 2000);
+    assert!(drain(&mut m).is_empty());
+    assert_eq!(m.resume("a", 9, "chat-ab", "k1"), Ok("k1".into()));
+    assert_eq!(
+        drain(&mut m),
+        vec![
+            send("b", 2, "call:peer-resumed", ids("k1")),
+            send("b", 3, "call:peer-resumed", ids("k1"))
+        ]
+    );
+    m.answer("b", 3, "chat-ab", json!({}), 3000).unwrap();
+    assert_eq!(
+        drain(&mut m)[0],
+        send(
+            "a",
+            9,
+            "call:answer",
+            json!({"chatId": "chat-ab", "callId": "k1", "answer": {}})
+        )
+    );
+}
+
+#[test]
+fn stale_events_are_no_such_call_and_change_nothing() {
+    let mut m = active();
+    let before = m.poll_timeout();
+    assert_eq!(
+        m.answer("c", 7, "chat-ab", json!({}), 10),
+        Err(CallErrorCode::NoSuchCall)
+    );
+    assert_eq!(
+        m.answer("b", 2, "chat-ab", json!({}), 10),
+        Err(CallErrorCode::NoSuchCall),
+        "already answered"
+    );
+    assert_eq!(
+        m.reject("b", 2, "chat-ab", 10),
+        Err(CallErrorCode::NoSuchCall),
+        "cannot reject an active call"
+    );
+    assert_eq!(
+        m.end("a", 1, "other-chat", 10),
+        Err(CallErrorCode::NoSuchCall)
+    );
+    assert_eq!(m.end("c", 7, "chat-ab", 10), Err(CallErrorCode::NoSuchCall));
+    assert_eq!(
+        m.ice_candidate("c", 7, "chat-ab", json!("x")),
+        Err(CallErrorCode::NoSuchCall)
+    );
+    assert_eq!(
+        m.resume("a", 1, "chat-ab", "k1"),
+        Ok("k1".into()),
+        "resuming on the same connection is a no-op"
+    );
+    m.connection_up("a", 5, 10);
+    assert_eq!(
+        m.resume("a", 5, "chat-ab", "k1"),
+        Err(CallErrorCode::NoSuchCall),
+        "the call lives on conn 1"
+    );
+    assert!(drain(&mut m).is_empty());
+    assert_eq!(m.poll_timeout(), before);
+    assert_eq!(m.active_calls(), 1);
+}
+
+#[test]
+fn after_a_call_both_are_free_again() {
+    let mut m = active();
+    m.end("a", 1, "chat-ab", 2000).unwrap();
+    drain(&mut m);
+    assert_eq!(
+        m.initiate(
+            "b",
+            2,
+            Initiate {
+                callee_id: "a".into(),
+                ..initiate("k2", "a")
+            },
+            3000
+        ),
+        Ok("k2".into())
+    );
+    assert_eq!(drain(&mut m).len(), 1, "rings A's one connection");
+}
+
+#[test]
+fn shutdown_ends_every_call() {
+    let mut m = active();
+    m.shutdown(9000);
+    assert_eq!(
+        drain(&mut m),
+        vec![
+            send("a", 1, "call:end", end("k1", "server_shutdown")),
+            send("b", 2, "call:end", end("k1", "server_shutdown")),
+            summary("k1", 0, Some(1000), 9000, EndReason::ServerShutdown),
+        ]
+    );
+}
