@@ -162,6 +162,32 @@ struct Call {
     no_devices_until: Option<i64>,
 }
 
+impl Call {
+    /// The caller's connection, while it is there.
+    fn caller_targets(&self) -> Vec<(String, u64)> {
+        let user = &self.caller.user;
+        self.caller
+            .conn
+            .map(|c| (user.clone(), c))
+            .into_iter()
+            .collect()
+    }
+
+    /// The callee's connections in the call: every ringing device, then the answering one.
+    fn callee_targets(&self) -> Vec<(String, u64)> {
+        let user = &self.callee.user;
+        match &self.phase {
+            Phase::Ringing { devices } => devices.iter().map(|d| (user.clone(), *d)).collect(),
+            Phase::Active { .. } => self
+                .callee
+                .conn
+                .map(|c| (user.clone(), c))
+                .into_iter()
+                .collect(),
+        }
+    }
+}
+
 pub struct Machine {
     ring_timeout_ms: i64,
     grace_ms: i64,
@@ -207,6 +233,12 @@ impl Machine {
             event,
             data,
         });
+    }
+
+    fn send_each(&mut self, targets: Vec<(String, u64)>, event: &'static str, data: &Value) {
+        for (user, conn) in targets {
+            self.send(&user, conn, event, data.clone());
+        }
     }
 
     fn ids(call: &Call) -> Value {
@@ -306,14 +338,8 @@ impl Machine {
         if call.caller.user == user && call.caller.conn == Some(conn) {
             call.caller.conn = None;
             call.caller.away_until = Some(now + grace);
-            let others: Vec<u64> = match &call.phase {
-                Phase::Ringing { devices } => devices.iter().copied().collect(),
-                Phase::Active { .. } => call.callee.conn.into_iter().collect(),
-            };
-            let (callee, data) = (call.callee.user.clone(), Self::ids(call));
-            for c in others {
-                self.send(&callee, c, "call:peer-reconnecting", data.clone());
-            }
+            let (others, data) = (call.callee_targets(), Self::ids(call));
+            self.send_each(others, "call:peer-reconnecting", &data);
         } else if call.callee.user == user {
             match &mut call.phase {
                 Phase::Ringing { devices } => {
@@ -490,22 +516,11 @@ impl Machine {
         let id = self.call_of(user, chat_id)?;
         let call = self.calls.get(&id).expect("indexed call exists");
         let data = json!({"chatId": call.chat_id, "callId": call.id, "candidate": candidate, "from": user});
-        let targets: Vec<(String, u64)> = if call.caller.user == user {
+        let targets = if call.caller.user == user {
             if call.caller.conn != Some(conn) {
                 return Err(CallErrorCode::NoSuchCall);
             }
-            match &call.phase {
-                Phase::Ringing { devices } => devices
-                    .iter()
-                    .map(|d| (call.callee.user.clone(), *d))
-                    .collect(),
-                Phase::Active { .. } => call
-                    .callee
-                    .conn
-                    .map(|c| (call.callee.user.clone(), c))
-                    .into_iter()
-                    .collect(),
-            }
+            call.callee_targets()
         } else {
             let from_call_device = match &call.phase {
                 Phase::Ringing { devices } => devices.contains(&conn),
@@ -514,15 +529,9 @@ impl Machine {
             if !from_call_device {
                 return Err(CallErrorCode::NoSuchCall);
             }
-            call.caller
-                .conn
-                .map(|c| (call.caller.user.clone(), c))
-                .into_iter()
-                .collect()
+            call.caller_targets()
         };
-        for (u, c) in targets {
-            self.send(&u, c, "call:ice-candidate", data.clone());
-        }
+        self.send_each(targets, "call:ice-candidate", &data);
         Ok(id)
     }
 
@@ -558,29 +567,12 @@ impl Machine {
         party.conn = Some(conn);
         party.away_until = None;
         let data = Self::ids(call);
-        let others: Vec<(String, u64)> = if is_caller {
-            match &call.phase {
-                Phase::Ringing { devices } => devices
-                    .iter()
-                    .map(|d| (call.callee.user.clone(), *d))
-                    .collect(),
-                Phase::Active { .. } => call
-                    .callee
-                    .conn
-                    .map(|c| (call.callee.user.clone(), c))
-                    .into_iter()
-                    .collect(),
-            }
+        let others = if is_caller {
+            call.callee_targets()
         } else {
-            call.caller
-                .conn
-                .map(|c| (call.caller.user.clone(), c))
-                .into_iter()
-                .collect()
+            call.caller_targets()
         };
-        for (u, c) in others {
-            self.send(&u, c, "call:peer-resumed", data.clone());
-        }
+        self.send_each(others, "call:peer-resumed", &data);
         Ok(id)
     }
 
@@ -594,23 +586,9 @@ impl Machine {
         for id in ids {
             let call = &self.calls[&id];
             let data = Self::end_data(call, "server_shutdown");
-            let mut targets: Vec<(String, u64)> = call
-                .caller
-                .conn
-                .map(|c| (call.caller.user.clone(), c))
-                .into_iter()
-                .collect();
-            match &call.phase {
-                Phase::Ringing { devices } => {
-                    targets.extend(devices.iter().map(|d| (call.callee.user.clone(), *d)))
-                }
-                Phase::Active { .. } => {
-                    targets.extend(call.callee.conn.map(|c| (call.callee.user.clone(), c)))
-                }
-            }
-            for (u, c) in targets {
-                self.send(&u, c, "call:end", data.clone());
-            }
+            let mut targets = call.caller_targets();
+            targets.extend(call.callee_targets());
+            self.send_each(targets, "call:end", &data);
             self.finish(&id, EndReason::ServerShutdown, now);
         }
     }
@@ -659,23 +637,14 @@ impl Machine {
         if away(&call.caller) || away(&call.callee) {
             // A party did not come back: the other side hears connection_lost.
             let data = Self::end_data(call, "connection_lost");
-            let mut targets: Vec<(String, u64)> = Vec::new();
+            let mut targets = Vec::new();
             if !away(&call.caller) {
-                targets.extend(call.caller.conn.map(|c| (call.caller.user.clone(), c)));
+                targets.extend(call.caller_targets());
             }
             if !away(&call.callee) {
-                match &call.phase {
-                    Phase::Ringing { devices } => {
-                        targets.extend(devices.iter().map(|d| (call.callee.user.clone(), *d)))
-                    }
-                    Phase::Active { .. } => {
-                        targets.extend(call.callee.conn.map(|c| (call.callee.user.clone(), c)))
-                    }
-                }
+                targets.extend(call.callee_targets());
             }
-            for (u, c) in targets {
-                self.send(&u, c, "call:end", data.clone());
-            }
+            self.send_each(targets, "call:end", &data);
             self.finish(id, EndReason::ConnectionLost, now);
             return;
         }
@@ -688,20 +657,12 @@ impl Machine {
             self.finish(id, EndReason::Offline, now);
             return;
         }
-        if let Phase::Ringing { devices } = &call.phase {
-            if call.ring_deadline <= now {
-                let ids = Self::ids(call);
-                let end = Self::end_data(call, "no_answer");
-                let (caller, callee) = (call.caller.user.clone(), call.callee.user.clone());
-                let caller_conn = call.caller.conn;
-                for d in devices.clone() {
-                    self.send(&callee, d, "call:end", end.clone());
-                }
-                if let Some(c) = caller_conn {
-                    self.send(&caller, c, "call:no-answer", ids);
-                }
-                self.finish(id, EndReason::NoAnswer, now);
-            }
+        if matches!(call.phase, Phase::Ringing { .. }) && call.ring_deadline <= now {
+            let (ids, end) = (Self::ids(call), Self::end_data(call, "no_answer"));
+            let (devices, caller) = (call.callee_targets(), call.caller_targets());
+            self.send_each(devices, "call:end", &end);
+            self.send_each(caller, "call:no-answer", &ids);
+            self.finish(id, EndReason::NoAnswer, now);
         }
     }
 }
