@@ -28,6 +28,30 @@ for component in rustfmt clippy; do
     fi
 done
 
+# Debian packages the integration tests drive: coturn's client tools (a real TURN client).
+SKIPPED=()
+NEXTEST_FILTER=()
+apt_install() {
+    if ! command -v apt-get >/dev/null || ! can_install; then
+        return 1
+    fi
+    if [ -z "${APT_UPDATED:-}" ]; then
+        apt-get update -qq || return 1
+        APT_UPDATED=1
+    fi
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@"
+}
+if ! command -v turnutils_uclient >/dev/null; then
+    say "installing coturn (for turnutils_uclient / turnutils_peer)"
+    apt_install coturn || true
+    # The package enables a turnserver service on some systems; the tests only need the tools.
+    if command -v systemctl >/dev/null; then systemctl disable --now coturn >/dev/null 2>&1 || true; fi
+fi
+if ! command -v turnutils_uclient >/dev/null; then
+    SKIPPED+=("coturn client tests (turnutils_uclient missing: apt-get install coturn)")
+    NEXTEST_FILTER=(-E 'not test(/^coturn::/)')
+fi
+
 say "cargo fmt --check"
 cargo fmt --check
 
@@ -37,10 +61,19 @@ cargo clippy --all-targets -- -D warnings
 say "tests"
 if cargo nextest --version >/dev/null 2>&1; then
     # Retries would hide flakiness; none are configured.
-    cargo nextest run --no-fail-fast
+    cargo nextest run --no-fail-fast "${NEXTEST_FILTER[@]}"
 else
     warn "cargo-nextest not found: running the same tests with cargo test instead"
-    cargo test --no-fail-fast
+    if [ ${#NEXTEST_FILTER[@]} -gt 0 ]; then
+        cargo test --no-fail-fast -- --skip coturn::
+    else
+        cargo test --no-fail-fast
+    fi
 fi
 
-say "all checks passed"
+if [ ${#SKIPPED[@]} -gt 0 ]; then
+    for s in "${SKIPPED[@]}"; do warn "SKIPPED (not counted as passed): $s"; done
+    say "checks passed, with the skips above"
+else
+    say "all checks passed"
+fi

@@ -35,12 +35,41 @@ pub struct AppState {
     pub tracker: TaskTracker,
     pub metrics: metrics_exporter_prometheus::PrometheusHandle,
     pub calls: Calls,
+    /// The embedded TURN server's shared state and what REST hands out; `None` when disabled.
+    pub turn: Option<TurnInfo>,
     /// Set when the process is stopping for good (SIGINT): sockets get 1001 instead of 1012
     /// and calls end with `server_shutdown`.
     pub going_away: AtomicBool,
 }
 
+/// What the REST API and the WebSocket need of the running TURN server.
+pub struct TurnInfo {
+    pub shared: Arc<crate::turn::gate::Shared>,
+    pub ice: crate::turn::IceConfig,
+}
+
 impl AppState {
+    /// `(iceServers, expiresAt)` (unix seconds) for `user_id`, reached through `host` (the HTTP
+    /// Host header). Empty when TURN is disabled.
+    pub fn ice_servers(&self, user_id: &str, host: &str) -> (serde_json::Value, Option<i64>) {
+        match &self.turn {
+            None => (serde_json::json!([]), None),
+            Some(t) => {
+                let secret = t
+                    .shared
+                    .secrets
+                    .read()
+                    .expect("secrets lock")
+                    .current
+                    .clone();
+                let (servers, cred) =
+                    t.ice
+                        .ice_servers(&secret, user_id, host, crate::time::now_ms() / 1000);
+                (servers, Some(cred.expires_at))
+            }
+        }
+    }
+
     /// The close code for sessions when the server stops.
     pub fn shutdown_close_code(&self) -> u16 {
         if self.going_away.load(Ordering::Relaxed) {
@@ -116,6 +145,8 @@ fn build_keys(config: &Config, jwt_secret: &str) -> anyhow::Result<JwtKeys> {
 /// A running app: its address and the handle to stop it.
 pub struct Running {
     pub addr: SocketAddr,
+    /// The TURN server's UDP address, when enabled.
+    pub turn_addr: Option<SocketAddr>,
     pub shutdown: CancellationToken,
     pub task: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
@@ -137,9 +168,11 @@ pub async fn spawn(
 ) -> anyhow::Result<Running> {
     let addr = listener.local_addr()?;
     let serve = prepare(config, shutdown.clone()).await?;
+    let turn_addr = serve.turn_addr();
     let task = tokio::spawn(serve.run(listener));
     Ok(Running {
         addr,
+        turn_addr,
         shutdown,
         task,
     })
@@ -154,6 +187,7 @@ pub struct Prepared {
     calls_task: tokio::task::JoinHandle<()>,
     /// Call records being written.
     records: TaskTracker,
+    turn_server: Option<crate::turn::TurnServer>,
 }
 
 pub async fn prepare(mut config: Config, shutdown: CancellationToken) -> anyhow::Result<Prepared> {
@@ -161,6 +195,20 @@ pub async fn prepare(mut config: Config, shutdown: CancellationToken) -> anyhow:
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("data_dir: cannot create {}", config.data_dir.display()))?;
     let jwt_secret = secret_or_generate(&config.auth.jwt_secret, &config.data_dir, "jwt_secret")?;
+    let turn_server = if config.turn.enabled {
+        let secret = secret_or_generate(&config.turn.secret, &config.data_dir, "turn_secret")?;
+        Some(crate::turn::TurnServer::start(&config.turn, secret).await?)
+    } else {
+        None
+    };
+    let turn = turn_server.as_ref().map(|t| TurnInfo {
+        shared: t.shared.clone(),
+        ice: crate::turn::IceConfig {
+            public_host: config.turn.public_host.clone(),
+            udp_port: t.local_addr.port(),
+            ttl_secs: config.turn.credential_ttl.as_secs() as i64,
+        },
+    });
     let keys = build_keys(&config, &jwt_secret)?;
     let db_path = config.sqlite_path();
     let store = Arc::new(
@@ -199,6 +247,7 @@ pub async fn prepare(mut config: Config, shutdown: CancellationToken) -> anyhow:
         tracker: TaskTracker::new(),
         metrics: crate::telemetry::metrics_handle(),
         calls,
+        turn,
         going_away: AtomicBool::new(false),
     });
     Ok(Prepared {
@@ -208,12 +257,18 @@ pub async fn prepare(mut config: Config, shutdown: CancellationToken) -> anyhow:
         background,
         calls_task,
         records,
+        turn_server,
     })
 }
 
 impl Prepared {
     pub fn state(&self) -> &Arc<AppState> {
         &self.state
+    }
+
+    /// Where the TURN server listens (UDP), when enabled.
+    pub fn turn_addr(&self) -> Option<SocketAddr> {
+        self.turn_server.as_ref().map(|t| t.local_addr)
     }
 
     /// Serves until shutdown, then drains: sessions close with 1012 and finish their writes,
@@ -253,6 +308,9 @@ impl Prepared {
             .is_err()
         {
             tracing::warn!("some call records were not written in time");
+        }
+        if let Some(turn) = self.turn_server {
+            turn.stop().await;
         }
         self.deliveries_stop.cancel();
         for task in self.background {

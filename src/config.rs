@@ -393,6 +393,56 @@ impl Config {
                 "clustering is not available in this build yet; leave it empty",
             ));
         }
+        if self.turn.enabled {
+            let t = &self.turn;
+            if t.listen_udp.parse::<SocketAddr>().is_err() {
+                return Err(bad(
+                    "turn.listen_udp",
+                    "expected address:port, e.g. 0.0.0.0:3478",
+                ));
+            }
+            if crate::turn::parse_port_range(&t.relay_ports).is_none() {
+                return Err(bad(
+                    "turn.relay_ports",
+                    "expected `min-max` with 0 < min <= max",
+                ));
+            }
+            if !t.listen_tcp.is_empty() {
+                return Err(bad(
+                    "turn.listen_tcp",
+                    "TURN over TCP is not available in this build yet",
+                ));
+            }
+            if !t.listen_tls.is_empty() {
+                return Err(bad(
+                    "turn.listen_tls",
+                    "TURN over TLS is not available in this build yet",
+                ));
+            }
+            if !t.public_ip.is_empty() && t.public_ip.parse::<std::net::IpAddr>().is_err() {
+                return Err(bad("turn.public_ip", "not an IP address"));
+            }
+            for (key, list) in [
+                ("turn.allow_peers", &t.allow_peers),
+                ("turn.deny_peers", &t.deny_peers),
+            ] {
+                if let Some(e) = list
+                    .iter()
+                    .find_map(|r| crate::turn::filter::parse_range(r).err())
+                {
+                    return Err(bad(key, e.to_string()));
+                }
+            }
+            if t.realm.is_empty() {
+                return Err(bad("turn.realm", "must not be empty"));
+            }
+            if t.user_quota == 0 || t.total_quota == 0 {
+                return Err(bad("turn.user_quota", "quotas must be at least 1"));
+            }
+            if t.credential_ttl < Duration::from_secs(60) {
+                return Err(bad("turn.credential_ttl", "must be at least 60s"));
+            }
+        }
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
             return Err(bad("log.level", "not a valid level or filter directive"));
         }

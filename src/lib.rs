@@ -23,4 +23,5 @@ pub mod hub;
 pub mod store;
 pub mod telemetry;
 pub mod time;
+pub mod turn;
 pub mod ws;

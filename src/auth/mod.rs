@@ -6,5 +6,6 @@ pub mod accounts;
 pub mod jwt;
 pub mod passwords;
 pub mod throttle;
+pub mod turn_rest;
 
 pub use accounts::{Accounts, AuthResponse, Authed};

@@ -5,6 +5,7 @@ pub mod auth;
 pub mod chats;
 pub mod extract;
 pub mod health;
+pub mod ice;
 
 use std::sync::Arc;
 
@@ -43,6 +44,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/auth/refresh", post(auth::refresh))
         .route("/api/me", get(auth::me))
         .route("/api/users", get(chats::users))
+        .route("/api/ice-servers", get(ice::ice_servers))
+        .route("/api/turn-credentials", get(ice::turn_credentials))
         .route("/api/chats", get(chats::list).post(chats::create))
         .route("/api/chats/{chat_id}/messages", get(chats::messages))
         .route("/healthz", get(health::healthz))
@@ -105,6 +108,7 @@ async fn ws_upgrade(
     ws: WebSocketUpgrade,
 ) -> Response {
     let token = ws_token(&headers, uri.query());
+    let host = ice::request_host(&headers);
     let max = state.config.ws.max_frame_bytes;
     ws
         // Small buffers: most connections are idle most of the time (NOTES: 128 KiB by default).
@@ -112,7 +116,7 @@ async fn ws_upgrade(
         .write_buffer_size(4096)
         .max_message_size(max)
         .max_frame_size(max)
-        .on_upgrade(move |socket| crate::ws::session::run(socket, state, token))
+        .on_upgrade(move |socket| crate::ws::session::run(socket, state, token, host))
 }
 
 #[cfg(test)]

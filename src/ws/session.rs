@@ -74,7 +74,7 @@ fn is_too_long(err: &axum::Error) -> bool {
     text.contains("Space limit exceeded") || text.contains("too long")
 }
 
-pub async fn run<S>(mut socket: S, state: Arc<AppState>, token: Option<String>)
+pub async fn run<S>(mut socket: S, state: Arc<AppState>, token: Option<String>, host: String)
 where
     S: Stream<Item = Result<Message, axum::Error>> + Sink<Message, Error = axum::Error> + Unpin,
 {
@@ -105,6 +105,8 @@ where
     };
     tracing::debug!(user_id = %user_id, conn_id = conn.conn_id, "ws connected");
     let ws_cfg = &state.config.ws;
+    // Every (re)connect refreshes the TURN credentials.
+    let (ice_servers, ice_expires) = state.ice_servers(&user_id, &host);
     let hello = p::push(
         "connection:established",
         json!({
@@ -112,8 +114,8 @@ where
             "connectionId": conn.conn_id.to_string(),
             "heartbeatIntervalMs": ws_cfg.heartbeat_interval.as_millis() as u64,
             "serverTime": rfc3339_ms(now_ms()),
-            "iceServers": [],
-            "iceExpiresAt": null,
+            "iceServers": ice_servers,
+            "iceExpiresAt": ice_expires.map(|e| rfc3339_ms(e * 1000)),
         }),
     );
     metrics::gauge!("switchboard_ws_connections").increment(1.0);

@@ -57,6 +57,11 @@ impl TestServer {
         }
     }
 
+    /// The embedded TURN server's UDP address, when enabled.
+    pub fn turn_addr(&self) -> Option<std::net::SocketAddr> {
+        self.running.as_ref().and_then(|r| r.turn_addr)
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.addr, path)
     }

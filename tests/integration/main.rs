@@ -6,7 +6,9 @@
 
 mod calls;
 mod common;
+mod coturn;
 mod process;
 mod resilience;
 mod rest;
+mod turn;
 mod ws_chat;

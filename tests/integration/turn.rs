@@ -1,0 +1,525 @@
+//! The embedded TURN server with real TURN clients: the webrtc-rs `turn` crate's client here,
+//! coturn's `turnutils_uclient` in `coturn.rs`.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use stun::message::{
+    Getter, Message, Method, Setter, CLASS_ERROR_RESPONSE, CLASS_REQUEST, CLASS_SUCCESS_RESPONSE,
+};
+use tokio::net::UdpSocket;
+use turn::client::{Client, ClientConfig};
+use webrtc_util::Conn;
+
+use crate::common::*;
+
+pub const SECRET: &str = "turn-test-secret";
+
+/// Server config for TURN tests: UDP on loopback, a relay range of our own, a known secret.
+pub fn turn_config(c: &mut switchboard::config::Config) {
+    c.turn.enabled = true;
+    c.turn.listen_udp = "127.0.0.1:0".into();
+    c.turn.relay_ports = "41000-41999".into();
+    c.turn.secret = SECRET.into();
+}
+
+fn now_secs() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+/// What a client saw: (method, class, error code) of every STUN message it received.
+type Seen = Arc<Mutex<Vec<(Method, stun::message::MessageClass, Option<u16>, i64)>>>;
+
+/// The client's socket, tapped: it records the server's responses, and can ask the server for a
+/// short allocation lifetime (so the client refreshes within a test) by adding LIFETIME to its
+/// Allocate and re-signing it.
+struct Tap {
+    sock: UdpSocket,
+    key: Vec<u8>,
+    lifetime: Option<Duration>,
+    seen: Seen,
+}
+
+impl Tap {
+    fn rewrite(&self, buf: &[u8]) -> Option<Vec<u8>> {
+        let lifetime = self.lifetime?;
+        let mut m = Message::new();
+        m.raw = buf.to_vec();
+        m.decode().ok()?;
+        let allocate =
+            m.typ.method == stun::message::METHOD_ALLOCATE && m.typ.class == CLASS_REQUEST;
+        if !allocate || !m.contains(stun::attributes::ATTR_MESSAGE_INTEGRITY) {
+            return None;
+        }
+        let mut out = Message::new();
+        out.typ = m.typ;
+        out.transaction_id = m.transaction_id;
+        out.write_header();
+        for a in &m.attributes.0 {
+            if a.typ != stun::attributes::ATTR_MESSAGE_INTEGRITY
+                && a.typ != stun::attributes::ATTR_FINGERPRINT
+            {
+                out.add(a.typ, &a.value);
+            }
+        }
+        turn::proto::lifetime::Lifetime(lifetime)
+            .add_to(&mut out)
+            .ok()?;
+        stun::integrity::MessageIntegrity(self.key.clone())
+            .add_to(&mut out)
+            .ok()?;
+        stun::fingerprint::FINGERPRINT.add_to(&mut out).ok()?;
+        Some(out.raw)
+    }
+}
+
+#[async_trait::async_trait]
+impl Conn for Tap {
+    async fn connect(&self, addr: SocketAddr) -> webrtc_util::Result<()> {
+        Ok(self.sock.connect(addr).await?)
+    }
+    async fn recv(&self, buf: &mut [u8]) -> webrtc_util::Result<usize> {
+        Ok(self.recv_from(buf).await?.0)
+    }
+    async fn recv_from(&self, buf: &mut [u8]) -> webrtc_util::Result<(usize, SocketAddr)> {
+        let (n, from) = self.sock.recv_from(buf).await?;
+        let mut m = Message::new();
+        m.raw = buf[..n].to_vec();
+        if stun::message::is_message(&buf[..n]) && m.decode().is_ok() {
+            let mut code = stun::error_code::ErrorCodeAttribute::default();
+            let code = code.get_from(&m).ok().map(|_| code.code.0);
+            self.seen
+                .lock()
+                .unwrap()
+                .push((m.typ.method, m.typ.class, code, now_secs()));
+        }
+        Ok((n, from))
+    }
+    async fn send(&self, buf: &[u8]) -> webrtc_util::Result<usize> {
+        Ok(self.sock.send(buf).await?)
+    }
+    async fn send_to(&self, buf: &[u8], target: SocketAddr) -> webrtc_util::Result<usize> {
+        match self.rewrite(buf) {
+            Some(b) => Ok(self.sock.send_to(&b, target).await.map(|_| buf.len())?),
+            None => Ok(self.sock.send_to(buf, target).await?),
+        }
+    }
+    fn local_addr(&self) -> webrtc_util::Result<SocketAddr> {
+        Ok(self.sock.local_addr()?)
+    }
+    fn remote_addr(&self) -> Option<SocketAddr> {
+        None
+    }
+    async fn close(&self) -> webrtc_util::Result<()> {
+        Ok(())
+    }
+    fn as_any(&self) -> &(dyn std::any::Any + Send + Sync) {
+        self
+    }
+}
+
+pub struct TurnClient {
+    pub client: Client,
+    pub seen: Seen,
+}
+
+impl TurnClient {
+    pub async fn new(
+        server: SocketAddr,
+        username: &str,
+        password: &str,
+        lifetime: Option<Duration>,
+    ) -> TurnClient {
+        let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let seen: Seen = Arc::default();
+        let tap = Tap {
+            sock,
+            key: turn::auth::generate_auth_key(username, "switchboard", password),
+            lifetime,
+            seen: seen.clone(),
+        };
+        let client = Client::new(ClientConfig {
+            stun_serv_addr: server.to_string(),
+            turn_serv_addr: server.to_string(),
+            username: username.into(),
+            password: password.into(),
+            realm: "switchboard".into(),
+            software: String::new(),
+            rto_in_ms: 0,
+            conn: Arc::new(tap),
+            vnet: None,
+        })
+        .await
+        .unwrap();
+        client.listen().await.unwrap();
+        TurnClient { client, seen }
+    }
+
+    /// Error codes the server answered to `method`.
+    pub fn errors(&self, method: Method) -> Vec<u16> {
+        self.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(m, c, _, _)| *m == method && *c == CLASS_ERROR_RESPONSE)
+            .filter_map(|(_, _, code, _)| *code)
+            .collect()
+    }
+
+    /// Successful responses to `method` received at or after `since` (unix seconds).
+    pub fn successes_since(&self, method: Method, since: i64) -> usize {
+        self.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(m, c, _, t)| *m == method && *c == CLASS_SUCCESS_RESPONSE && *t >= since)
+            .count()
+    }
+}
+
+/// Credentials from the REST API, as a browser gets them.
+async fn rest_credentials(s: &TestServer, user: &TestUser) -> (String, String) {
+    let (status, body) = s
+        .get("/api/turn-credentials?service=turn", &user.token)
+        .await;
+    assert_eq!(status, 200, "{body}");
+    (
+        body["username"].as_str().unwrap().into(),
+        body["password"].as_str().unwrap().into(),
+    )
+}
+
+async fn recv_within(conn: &impl Conn, wait: Duration) -> Option<(Vec<u8>, SocketAddr)> {
+    let mut buf = vec![0u8; 1500];
+    match tokio::time::timeout(wait, conn.recv_from(&mut buf)).await {
+        Ok(Ok((n, from))) => Some((buf[..n].to_vec(), from)),
+        _ => None,
+    }
+}
+
+#[tokio::test]
+async fn ice_servers_and_rest_credentials() {
+    let s = TestServer::start_with(turn_config).await;
+    let u = s.register("alice").await;
+    let turn_port = s.turn_addr().unwrap().port();
+    let (status, body) = s.get("/api/ice-servers", &u.token).await;
+    assert_eq!(status, 200);
+    let servers = body["iceServers"].as_array().unwrap();
+    assert_eq!(
+        servers[0]["urls"],
+        serde_json::json!([format!("stun:127.0.0.1:{turn_port}")])
+    );
+    assert_eq!(
+        servers[1]["urls"],
+        serde_json::json!([format!("turn:127.0.0.1:{turn_port}?transport=udp")])
+    );
+    let username = servers[1]["username"].as_str().unwrap();
+    let (expiry, user) = username.split_once(':').unwrap();
+    assert_eq!(user, u.id);
+    let expiry: i64 = expiry.parse().unwrap();
+    assert!((expiry - now_secs() - 86_400).abs() < 5, "24 h by default");
+    assert_eq!(
+        servers[1]["credential"],
+        switchboard::auth::turn_rest::password(SECRET, username).as_str()
+    );
+    assert_eq!(body["ttl"], 86_400);
+    assert!(body["expiresAt"].as_str().unwrap().ends_with('Z'));
+    // The TURN REST API shape, and the same in `connection:established`.
+    let (status, cred) = s.get("/api/turn-credentials?service=turn", &u.token).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        cred["uris"],
+        serde_json::json!([format!("turn:127.0.0.1:{turn_port}?transport=udp")])
+    );
+    assert_eq!(cred["ttl"], 86_400);
+    let ws = s.ws(&u).await;
+    assert_eq!(ws.established["iceServers"][1]["urls"], servers[1]["urls"]);
+    assert!(ws.established["iceExpiresAt"].is_string());
+    // A configured public host wins over the Host header.
+    let (status, _) = s.get("/api/turn-credentials?service=stun", &u.token).await;
+    assert_eq!(status, 400);
+    s.stop().await;
+
+    let s = TestServer::start_with(|c| {
+        turn_config(c);
+        c.turn.public_host = "turn.example.org".into();
+    })
+    .await;
+    let u = s.register("alice").await;
+    let (_, body) = s.get("/api/ice-servers", &u.token).await;
+    assert!(body["iceServers"][1]["urls"][0]
+        .as_str()
+        .unwrap()
+        .starts_with("turn:turn.example.org:"));
+    s.stop().await;
+
+    // Disabled TURN: nothing is offered.
+    let s = TestServer::start().await;
+    let u = s.register("alice").await;
+    let (_, body) = s.get("/api/ice-servers", &u.token).await;
+    assert_eq!(body["iceServers"], serde_json::json!([]));
+    assert_eq!(s.get("/api/turn-credentials", &u.token).await.0, 404);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn two_clients_relay_to_each_other_and_keep_working_after_the_credential_expired() {
+    let s = TestServer::start_with(turn_config).await;
+    let server = s.turn_addr().unwrap();
+    let u = s.register("alice").await;
+    // A short credential (3 s) and a short allocation lifetime (6 s), so that the client's own
+    // refreshes (every lifetime/2) happen after the credential expired.
+    let cred = switchboard::auth::turn_rest::mint(SECRET, &u.id, now_secs(), 3);
+    let a = TurnClient::new(
+        server,
+        &cred.username,
+        &cred.password,
+        Some(Duration::from_secs(6)),
+    )
+    .await;
+    let relay_a = a
+        .client
+        .allocate()
+        .await
+        .expect("allocate with a fresh credential");
+    let (b_user, b_pass) = rest_credentials(&s, &u).await;
+    let b = TurnClient::new(server, &b_user, &b_pass, None).await;
+    let relay_b = b.client.allocate().await.unwrap();
+    let (addr_a, addr_b) = (relay_a.local_addr().unwrap(), relay_b.local_addr().unwrap());
+    assert_eq!(addr_a.ip().to_string(), "127.0.0.1");
+    assert!((41000..=41999).contains(&addr_a.port()), "{addr_a}");
+
+    // B writes first (B's permission for A), then A writes: CreatePermission + ChannelBind.
+    relay_b.send_to(b"hello from b", addr_a).await.unwrap();
+    relay_a.send_to(b"hello from a", addr_b).await.unwrap();
+    let (got, from) = recv_within(&relay_b, Duration::from_secs(5))
+        .await
+        .expect("b hears a");
+    assert_eq!((got.as_slice(), from), (&b"hello from a"[..], addr_a));
+    relay_b.send_to(b"again from b", addr_a).await.unwrap();
+    // B's very first packet may or may not have arrived after A's permission for B existed.
+    loop {
+        let (got, _) = recv_within(&relay_a, Duration::from_secs(5))
+            .await
+            .expect("a hears b");
+        if got == b"again from b" {
+            break;
+        }
+        assert_eq!(got, b"hello from b");
+    }
+    // Give the client time to bind its channel (it does so after the first packets).
+    for i in 0..5 {
+        relay_a
+            .send_to(format!("a{i}").as_bytes(), addr_b)
+            .await
+            .unwrap();
+        recv_within(&relay_b, Duration::from_secs(5))
+            .await
+            .expect("relayed");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(a.successes_since(stun::message::METHOD_CREATE_PERMISSION, 0) >= 1);
+    assert!(
+        a.successes_since(stun::message::METHOD_CHANNEL_BIND, 0) >= 1,
+        "{:?}",
+        a.seen.lock().unwrap()
+    );
+
+    // Wait until the credential has expired and the client has refreshed at least once since.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while a.successes_since(stun::message::METHOD_REFRESH, cred.expires_at + 1) == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no refresh after expiry: {:?}",
+            a.seen.lock().unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(a.errors(stun::message::METHOD_REFRESH).is_empty());
+    // Past the original 6 s lifetime, the allocation still relays, both ways.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    relay_a.send_to(b"after expiry", addr_b).await.unwrap();
+    let (got, _) = recv_within(&relay_b, Duration::from_secs(5))
+        .await
+        .expect("still relaying after expiry");
+    assert_eq!(got, b"after expiry");
+    relay_b.send_to(b"and back", addr_a).await.unwrap();
+    assert_eq!(
+        recv_within(&relay_a, Duration::from_secs(5))
+            .await
+            .unwrap()
+            .0,
+        b"and back"
+    );
+
+    // A new Allocate with the expired credential is refused with 401.
+    let late = TurnClient::new(server, &cred.username, &cred.password, None).await;
+    assert!(late.client.allocate().await.is_err());
+    assert!(
+        late.errors(stun::message::METHOD_ALLOCATE).contains(&401),
+        "{:?}",
+        late.errors(stun::message::METHOD_ALLOCATE)
+    );
+    let _ = (
+        a.client.close().await,
+        b.client.close().await,
+        late.client.close().await,
+    );
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn wrong_secret_and_bad_usernames_are_refused() {
+    let s = TestServer::start_with(turn_config).await;
+    let server = s.turn_addr().unwrap();
+    let u = s.register("alice").await;
+    let forged = switchboard::auth::turn_rest::mint("not-the-secret", &u.id, now_secs(), 600);
+    let c = TurnClient::new(server, &forged.username, &forged.password, None).await;
+    assert!(c.client.allocate().await.is_err());
+    assert_eq!(c.errors(stun::message::METHOD_ALLOCATE).last(), Some(&401));
+    let c = TurnClient::new(server, "alice", "password", None).await;
+    assert!(c.client.allocate().await.is_err());
+    assert_eq!(c.errors(stun::message::METHOD_ALLOCATE).last(), Some(&401));
+    let (status, _) = s.get("/metrics", "").await;
+    assert_eq!(status, 200);
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn the_previous_secret_stays_valid_during_rotation() {
+    let s = TestServer::start_with(|c| {
+        turn_config(c);
+        c.turn.secret = "new-secret".into();
+        c.turn.previous_secret = SECRET.into();
+    })
+    .await;
+    let server = s.turn_addr().unwrap();
+    let u = s.register("alice").await;
+    for secret in ["new-secret", SECRET] {
+        let cred = switchboard::auth::turn_rest::mint(secret, &u.id, now_secs(), 600);
+        let c = TurnClient::new(server, &cred.username, &cred.password, None).await;
+        c.client
+            .allocate()
+            .await
+            .unwrap_or_else(|e| panic!("{secret}: {e}"));
+        c.client.close().await.unwrap();
+    }
+    // REST hands out credentials of the current secret.
+    let (user, pass) = rest_credentials(&s, &u).await;
+    assert_eq!(
+        pass,
+        switchboard::auth::turn_rest::password("new-secret", &user)
+    );
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn the_user_quota_caps_allocations() {
+    let s = TestServer::start_with(|c| {
+        turn_config(c);
+        c.turn.user_quota = 2;
+    })
+    .await;
+    let server = s.turn_addr().unwrap();
+    let u = s.register("alice").await;
+    let other = s.register("bob").await;
+    let mut keep = Vec::new();
+    for _ in 0..2 {
+        let (user, pass) = rest_credentials(&s, &u).await;
+        let c = TurnClient::new(server, &user, &pass, None).await;
+        keep.push((c.client.allocate().await.expect("within quota"), c));
+    }
+    let (user, pass) = rest_credentials(&s, &u).await;
+    let third = TurnClient::new(server, &user, &pass, None).await;
+    assert!(third.client.allocate().await.is_err(), "quota + 1");
+    assert_eq!(
+        third.errors(stun::message::METHOD_ALLOCATE).last(),
+        Some(&486)
+    );
+    // Another user is not affected.
+    let (user, pass) = rest_credentials(&s, &other).await;
+    let bob = TurnClient::new(server, &user, &pass, None).await;
+    bob.client.allocate().await.expect("bob has his own quota");
+    // Releasing one allocation frees a slot.
+    let (relay, c) = keep.pop().unwrap();
+    relay.close().await.unwrap();
+    c.client.close().await.unwrap();
+    let mut freed = false;
+    for _ in 0..50 {
+        let (user, pass) = rest_credentials(&s, &u).await;
+        let again = TurnClient::new(server, &user, &pass, None).await;
+        if again.client.allocate().await.is_ok() {
+            freed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(freed, "a closed allocation gives its slot back");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn default_config_relays_nothing_to_loopback_private_or_metadata_peers() {
+    let s = TestServer::start_with(turn_config).await;
+    let server = s.turn_addr().unwrap();
+    let u = s.register("alice").await;
+    // A local UDP service that must never hear from the relay.
+    let victim = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let victim_port = victim.local_addr().unwrap().port();
+    let (user, pass) = rest_credentials(&s, &u).await;
+    let c = TurnClient::new(server, &user, &pass, None).await;
+    let relay = c.client.allocate().await.unwrap();
+    let targets: Vec<SocketAddr> = vec![
+        format!("127.0.0.1:{victim_port}").parse().unwrap(),
+        format!("[::ffff:127.0.0.1]:{victim_port}").parse().unwrap(),
+        // Refused at CreatePermission: nothing is ever sent to these.
+        "10.0.0.1:5000".parse().unwrap(),
+        "169.254.169.254:80".parse().unwrap(),
+    ];
+    for t in &targets {
+        let _ = relay.send_to(b"should not arrive", *t).await;
+    }
+    let mut buf = [0u8; 64];
+    let heard = tokio::time::timeout(Duration::from_millis(1500), victim.recv_from(&mut buf)).await;
+    assert!(heard.is_err(), "the loopback service received relayed data");
+    let refused = c.errors(stun::message::METHOD_CREATE_PERMISSION);
+    assert!(
+        refused.iter().filter(|c| **c == 403).count() >= 3,
+        "403 for the denied peers: {refused:?}"
+    );
+    assert!(
+        c.successes_since(stun::message::METHOD_CREATE_PERMISSION, 0) == 0,
+        "no permission was granted"
+    );
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn turn_ports_are_released_on_shutdown() {
+    let s = TestServer::start_with(turn_config).await;
+    let addr = s.turn_addr().unwrap();
+    let u = s.register("alice").await;
+    let (user, pass) = rest_credentials(&s, &u).await;
+    let c = TurnClient::new(addr, &user, &pass, None).await;
+    let relay = c.client.allocate().await.unwrap();
+    let relay_addr = relay.local_addr().unwrap();
+    s.stop().await;
+    // Give the allocation tasks a moment to drop their sockets.
+    let mut free = false;
+    for _ in 0..50 {
+        if std::net::UdpSocket::bind(addr).is_ok() && std::net::UdpSocket::bind(relay_addr).is_ok()
+        {
+            free = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        free,
+        "listening port {addr} and relay port {relay_addr} are free again"
+    );
+}
