@@ -183,7 +183,7 @@ impl GateConn {
         let now = now_ms();
         let unauthorized = |reason: &str| {
             metrics::counter!("switchboard_turn_auth_failures_total", "reason" => reason.to_owned()).increment(1);
-            tracing::debug!(%src, reason, "TURN request refused: 401");
+            tracing::trace!(%src, reason, "TURN request refused: 401");
             Verdict::Reply(self.error(&m, method, CODE_UNAUTHORIZED, reason, None))
         };
         if realm != self.shared.realm {
@@ -219,7 +219,7 @@ impl GateConn {
             );
             if let Err(r) = refused {
                 metrics::counter!("switchboard_turn_allocations_failed_total", "reason" => r.as_str()).increment(1);
-                tracing::info!(user, reason = r.as_str(), "TURN allocation over quota");
+                tracing::trace!(user, reason = r.as_str(), "TURN allocation over quota");
                 let code = match r {
                     Refusal::UserQuota => CODE_ALLOC_QUOTA_REACHED,
                     Refusal::TotalQuota => CODE_INSUFFICIENT_CAPACITY,
@@ -247,7 +247,7 @@ impl GateConn {
             let filter = self.shared.filter.read().expect("filter lock");
             if let Some(peer) = peers(&m).into_iter().find(|p| !filter.allowed(*p)) {
                 metrics::counter!("switchboard_turn_peer_denied_total").increment(1);
-                tracing::debug!(%src, %peer, "TURN permission to a denied peer refused: 403");
+                tracing::trace!(%src, %peer, "TURN permission to a denied peer refused: 403");
                 return Verdict::Reply(self.error(
                     &m,
                     method,

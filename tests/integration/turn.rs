@@ -523,3 +523,24 @@ async fn turn_ports_are_released_on_shutdown() {
         "listening port {addr} and relay port {relay_addr} are free again"
     );
 }
+
+#[tokio::test]
+async fn behind_nat_the_relay_address_carries_the_public_ip() {
+    let s = TestServer::start_with(|c| {
+        turn_config(c);
+        c.turn.public_ip = "203.0.113.7".into();
+    })
+    .await;
+    let u = s.register("alice").await;
+    let (user, pass) = rest_credentials(&s, &u).await;
+    let c = TurnClient::new(s.turn_addr().unwrap(), &user, &pass, None).await;
+    let relay = c.client.allocate().await.unwrap();
+    let relayed = relay.local_addr().unwrap();
+    assert_eq!(
+        relayed.ip().to_string(),
+        "203.0.113.7",
+        "advertised, not the bound 127.0.0.1"
+    );
+    assert!((41000..=41999).contains(&relayed.port()));
+    s.stop().await;
+}
