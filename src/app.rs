@@ -37,6 +37,8 @@ pub struct AppState {
     pub calls: Calls,
     /// The embedded TURN server's shared state and what REST hands out; `None` when disabled.
     pub turn: Option<TurnInfo>,
+    /// The HTTP listener's certificate, when TLS is on.
+    pub tls: Option<crate::http::tls::TlsReloader>,
     /// Set when the process is stopping for good (SIGINT): sockets get 1001 instead of 1012
     /// and calls end with `server_shutdown`.
     pub going_away: AtomicBool,
@@ -46,6 +48,51 @@ pub struct AppState {
 pub struct TurnInfo {
     pub shared: Arc<crate::turn::gate::Shared>,
     pub ice: crate::turn::IceConfig,
+    own_ips: Vec<std::net::IpAddr>,
+    relay_ports: std::ops::RangeInclusive<u16>,
+}
+
+/// Keys a SIGHUP applies to the running process; every other change needs a restart.
+pub const RELOADABLE: &[&str] = &[
+    "log.level",
+    "http.tls_cert_file",
+    "http.tls_key_file",
+    "turn.secret",
+    "turn.secret_file",
+    "turn.previous_secret",
+    "turn.previous_secret_file",
+    "turn.allow_peers",
+    "turn.deny_peers",
+    "turn.user_quota",
+    "turn.total_quota",
+    "turn.max_allocation_lifetime",
+];
+
+/// `section.key` paths whose values differ between two configs.
+pub fn changed_keys(old: &Config, new: &Config) -> Vec<String> {
+    let (a, b) = (
+        serde_json::to_value(old).expect("config serialises"),
+        serde_json::to_value(new).expect("config serialises"),
+    );
+    let mut out = Vec::new();
+    let (Some(a), Some(b)) = (a.as_object(), b.as_object()) else {
+        return out;
+    };
+    for (section, va) in a {
+        let vb = &b[section];
+        match (va.as_object(), vb.as_object()) {
+            (Some(ka), Some(kb)) => {
+                for (key, x) in ka {
+                    if kb.get(key) != Some(x) {
+                        out.push(format!("{section}.{key}"));
+                    }
+                }
+            }
+            _ if va != vb => out.push(section.clone()),
+            _ => {}
+        }
+    }
+    out
 }
 
 impl AppState {
@@ -77,6 +124,55 @@ impl AppState {
         } else {
             crate::ws::protocol::close::RESTARTING
         }
+    }
+
+    /// Applies what can change without a restart (see [`RELOADABLE`]) from `new`, a config
+    /// that passed validation with its secrets resolved. Everything is prepared first and
+    /// swapped only when all of it worked, so a failed reload changes nothing. Returns the keys
+    /// that changed but need a restart.
+    pub fn reload(&self, new: &Config) -> anyhow::Result<Vec<String>> {
+        let tls = match (&self.tls, &new.http.tls_cert_file, &new.http.tls_key_file) {
+            (Some(_), Some(cert), Some(key)) => Some(crate::http::tls::load(cert, key)?),
+            _ => None,
+        };
+        let turn = match &self.turn {
+            Some(t) if new.turn.enabled => {
+                let current = secret_or_generate(&new.turn.secret, &new.data_dir, "turn_secret")?;
+                let filter = crate::turn::filter::PeerFilter::new(
+                    &new.turn.allow_peers,
+                    &new.turn.deny_peers,
+                    t.own_ips.clone(),
+                    t.relay_ports.clone(),
+                )?;
+                Some((t, current, filter))
+            }
+            _ => None,
+        };
+        if let (Some(reloader), Some(config)) = (&self.tls, tls) {
+            reloader.set(config);
+        }
+        if let Some((t, current, filter)) = turn {
+            let mut secrets = t.shared.secrets.write().expect("secrets lock");
+            // A rotated secret keeps the old one valid, unless a previous one is configured.
+            let previous = if !new.turn.previous_secret.is_empty() {
+                Some(new.turn.previous_secret.clone())
+            } else if secrets.current != current {
+                Some(secrets.current.clone())
+            } else {
+                secrets.previous.clone()
+            };
+            *secrets = crate::turn::gate::Secrets { current, previous };
+            *t.shared.filter.write().expect("filter lock") = filter;
+            t.shared.policy.lock().expect("policy lock").set_limits(
+                new.turn.user_quota,
+                new.turn.total_quota,
+                new.turn.max_allocation_lifetime.as_millis() as i64,
+            );
+        }
+        Ok(changed_keys(&self.config, new)
+            .into_iter()
+            .filter(|k| !RELOADABLE.contains(&k.as_str()))
+            .collect())
     }
 
     /// Stop for good: end every call with `server_shutdown`, then shut down.
@@ -178,6 +274,46 @@ pub async fn spawn(
     })
 }
 
+/// The bound HTTP listener: plain TCP, or TLS.
+pub enum HttpListener {
+    Plain(TcpListener),
+    Tls(crate::http::tls::TlsListener),
+}
+
+impl HttpListener {
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        match self {
+            HttpListener::Plain(l) => l.local_addr(),
+            HttpListener::Tls(l) => axum::serve::Listener::local_addr(l),
+        }
+    }
+}
+
+impl From<TcpListener> for HttpListener {
+    fn from(l: TcpListener) -> Self {
+        HttpListener::Plain(l)
+    }
+}
+
+/// Binds `http.listen`, with TLS when `http.tls_cert_file`/`http.tls_key_file` are set.
+pub async fn bind_http(
+    config: &Config,
+) -> anyhow::Result<(HttpListener, Option<crate::http::tls::TlsReloader>)> {
+    let tcp = TcpListener::bind(config.http.listen)
+        .await
+        .with_context(|| format!("http.listen {}", config.http.listen))?;
+    match (&config.http.tls_cert_file, &config.http.tls_key_file) {
+        (Some(cert), Some(key)) => {
+            let tls = crate::http::tls::TlsReloader::new(
+                crate::http::tls::load(cert, key).context("http.tls_cert_file")?,
+            );
+            let listener = crate::http::tls::TlsListener::new(tcp, tls.clone())?;
+            Ok((HttpListener::Tls(listener), Some(tls)))
+        }
+        _ => Ok((HttpListener::Plain(tcp), None)),
+    }
+}
+
 /// Everything built and opened, not yet serving.
 pub struct Prepared {
     state: Arc<AppState>,
@@ -188,13 +324,31 @@ pub struct Prepared {
     /// Call records being written.
     records: TaskTracker,
     turn_server: Option<crate::turn::TurnServer>,
+    metrics_listener: Option<TcpListener>,
 }
 
-pub async fn prepare(mut config: Config, shutdown: CancellationToken) -> anyhow::Result<Prepared> {
+pub async fn prepare(config: Config, shutdown: CancellationToken) -> anyhow::Result<Prepared> {
+    prepare_with_tls(config, shutdown, None).await
+}
+
+/// [`prepare`] for an HTTP listener that serves TLS with `tls`.
+pub async fn prepare_with_tls(
+    mut config: Config,
+    shutdown: CancellationToken,
+    tls: Option<crate::http::tls::TlsReloader>,
+) -> anyhow::Result<Prepared> {
     config.resolve_secrets()?;
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("data_dir: cannot create {}", config.data_dir.display()))?;
     let jwt_secret = secret_or_generate(&config.auth.jwt_secret, &config.data_dir, "jwt_secret")?;
+    let metrics_listener = match config.http.metrics_listen {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("http.metrics_listen {addr}"))?,
+        ),
+        None => None,
+    };
     let turn_server = if config.turn.enabled {
         let secret = secret_or_generate(&config.turn.secret, &config.data_dir, "turn_secret")?;
         Some(crate::turn::TurnServer::start(&config.turn, secret).await?)
@@ -202,6 +356,8 @@ pub async fn prepare(mut config: Config, shutdown: CancellationToken) -> anyhow:
         None
     };
     let turn = turn_server.as_ref().map(|t| TurnInfo {
+        own_ips: t.own_ips.clone(),
+        relay_ports: t.relay_ports.clone(),
         shared: t.shared.clone(),
         ice: crate::turn::IceConfig {
             public_host: config.turn.public_host.clone(),
@@ -216,7 +372,7 @@ pub async fn prepare(mut config: Config, shutdown: CancellationToken) -> anyhow:
             .await
             .with_context(|| format!("cannot open the database {}", db_path.display()))?,
     );
-    let dyn_store: Arc<dyn Store> = store.clone();
+    let dyn_store: Arc<dyn Store> = Arc::new(crate::store::timed::Timed(store.clone()));
     let hub = Arc::new(Hub::new(config.ws.send_queue));
     let broker = Arc::new(MemoryBroker::new(hub.clone()));
     let node = Arc::new(Node::new(
@@ -248,6 +404,7 @@ pub async fn prepare(mut config: Config, shutdown: CancellationToken) -> anyhow:
         metrics: crate::telemetry::metrics_handle(),
         calls,
         turn,
+        tls,
         going_away: AtomicBool::new(false),
     });
     Ok(Prepared {
@@ -258,6 +415,7 @@ pub async fn prepare(mut config: Config, shutdown: CancellationToken) -> anyhow:
         calls_task,
         records,
         turn_server,
+        metrics_listener,
     })
 }
 
@@ -273,26 +431,47 @@ impl Prepared {
 
     /// Serves until shutdown, then drains: sessions close with 1012 and finish their writes,
     /// queued delivery receipts are written, the database is closed.
-    pub async fn run(self, listener: TcpListener) -> anyhow::Result<()> {
+    pub async fn run(self, listener: impl Into<HttpListener>) -> anyhow::Result<()> {
         let state = self.state.clone();
         let shutdown = state.shutdown.clone();
         let app = crate::http::router(state.clone());
-        tracing::info!(addr = %listener.local_addr()?, "http listening");
-        // Replies and pushes are small frames written back to back: without TCP_NODELAY, Nagle
-        // and the peer's delayed ACK stall every second frame by ~40 ms.
-        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-            if let Err(e) = tcp.set_nodelay(true) {
-                tracing::debug!(error = %e, "could not set TCP_NODELAY");
-            }
+        let listener = listener.into();
+        let metrics_server = self.metrics_listener.map(|l| {
+            let router = crate::http::metrics_router(state.clone());
+            let stop = shutdown.clone().cancelled_owned();
+            tokio::spawn(async move {
+                if let Ok(addr) = l.local_addr() {
+                    tracing::info!(%addr, "metrics listening");
+                }
+                axum::serve(l, router).with_graceful_shutdown(stop).await
+            })
         });
-        axum::serve(
-            listener,
-            app.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
-        .await
+        let make = app.into_make_service_with_connect_info::<SocketAddr>();
+        let stop = shutdown.clone().cancelled_owned();
+        match listener {
+            HttpListener::Plain(listener) => {
+                tracing::info!(addr = %listener.local_addr()?, "http listening");
+                // Replies and pushes are small frames written back to back: without
+                // TCP_NODELAY, Nagle and the peer's delayed ACK stall every second frame by ~40 ms.
+                let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+                    if let Err(e) = tcp.set_nodelay(true) {
+                        tracing::debug!(error = %e, "could not set TCP_NODELAY");
+                    }
+                });
+                axum::serve(listener, make).with_graceful_shutdown(stop).await
+            }
+            HttpListener::Tls(listener) => {
+                tracing::info!(addr = %axum::serve::Listener::local_addr(&listener)?, "https listening");
+                // Through `tap_io` (a no-op here) axum knows how to give handlers the peer address.
+                let listener = axum::serve::ListenerExt::tap_io(listener, |_| {});
+                axum::serve(listener, make).with_graceful_shutdown(stop).await
+            }
+        }
         .context("http server failed")?;
         tracing::info!("shutting down: closing sessions");
+        if let Some(m) = metrics_server {
+            let _ = m.await;
+        }
         state.tracker.close();
         if tokio::time::timeout(DRAIN_TIMEOUT, state.tracker.wait())
             .await

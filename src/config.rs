@@ -59,6 +59,8 @@ pub struct HttpConfig {
     pub tls_key_file: Option<PathBuf>,
     /// Largest accepted REST request body.
     pub max_body_bytes: usize,
+    /// Serve `/metrics` on this address only (e.g. `127.0.0.1:9090`) instead of on `listen`.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl Default for HttpConfig {
@@ -68,6 +70,7 @@ impl Default for HttpConfig {
             tls_cert_file: None,
             tls_key_file: None,
             max_body_bytes: 256 * 1024,
+            metrics_listen: None,
         }
     }
 }
@@ -381,11 +384,20 @@ impl Config {
                 "only sqlite: URLs (or empty for the default) are supported by this build",
             ));
         }
-        if self.http.tls_cert_file.is_some() || self.http.tls_key_file.is_some() {
-            return Err(bad(
-                "http.tls_cert_file",
-                "TLS on the HTTP listener is not available in this build yet; use a reverse proxy",
-            ));
+        match (&self.http.tls_cert_file, &self.http.tls_key_file) {
+            (Some(_), None) => {
+                return Err(bad(
+                    "http.tls_key_file",
+                    "must be set with http.tls_cert_file",
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(bad(
+                    "http.tls_cert_file",
+                    "must be set with http.tls_key_file",
+                ))
+            }
+            _ => {}
         }
         if !self.cluster.redis_url.is_empty() {
             return Err(bad(
@@ -452,8 +464,37 @@ impl Config {
         Ok(())
     }
 
-    /// Replaces every `*_file` secret by the file's contents (trimmed).
+    /// Replaces every `*_file` secret by the file's contents (trimmed); then fills secrets that
+    /// are still empty from systemd credentials (`$CREDENTIALS_DIRECTORY/switchboard_<name>` or
+    /// `$CREDENTIALS_DIRECTORY/<name>`), so they never pass through the environment.
     pub fn resolve_secrets(&mut self) -> Result<(), ConfigError> {
+        self.resolve_secret_files()?;
+        if let Some(dir) = std::env::var_os("CREDENTIALS_DIRECTORY") {
+            let dir = PathBuf::from(dir);
+            let read = |name: &str| {
+                [format!("switchboard_{name}"), name.to_owned()]
+                    .iter()
+                    .find_map(|f| std::fs::read_to_string(dir.join(f)).ok())
+                    .map(|t| t.trim().to_owned())
+                    .filter(|t| !t.is_empty())
+            };
+            for (name, target) in [
+                ("jwt_secret", &mut self.auth.jwt_secret),
+                ("issuer_secret", &mut self.auth.issuer_secret),
+                ("turn_secret", &mut self.turn.secret),
+                ("turn_previous_secret", &mut self.turn.previous_secret),
+            ] {
+                if target.is_empty() {
+                    if let Some(value) = read(name) {
+                        *target = value;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn resolve_secret_files(&mut self) -> Result<(), ConfigError> {
         fn read(
             key: &'static str,
             file: &Option<PathBuf>,

@@ -1,12 +1,18 @@
-//! The `switchboard` binary: parse the command line, load the config, run the app.
+//! The `switchboard` binary: parse the command line, load the config, run the app, and talk to
+//! systemd (`Type=notify`: READY=1 once every listener is bound and the store is open, STATUS=,
+//! WATCHDOG=1, STOPPING=1) and to signals (SIGTERM/SIGINT stop, SIGHUP reloads).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
+use sd_notify::NotifyState;
 use tokio_util::sync::CancellationToken;
 
+use switchboard::app::AppState;
 use switchboard::config::Config;
+use switchboard::telemetry::LogReload;
 
 /// Exit code for configuration errors (sysexits EX_CONFIG).
 const EXIT_CONFIG: u8 = 78;
@@ -31,33 +37,48 @@ enum Command {
     Serve,
     /// Validate the configuration and exit (0 when valid).
     CheckConfig,
+    /// Write a consistent copy of the SQLite database to FILE while the server may be running.
+    Backup {
+        /// Where to write the copy (must not exist).
+        file: PathBuf,
+    },
+}
+
+/// Loads and validates the config, with `*_file` secrets (and systemd credentials) read.
+fn load(path: Option<&Path>) -> Result<Config, String> {
+    let mut config = Config::load(path).map_err(|e| e.to_string())?;
+    config.resolve_secrets().map_err(|e| e.to_string())?;
+    Ok(config)
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let mut config = match Config::load(cli.config.as_deref()) {
+    let config = match load(cli.config.as_deref()) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("switchboard: {e}");
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    if let Err(e) = config.resolve_secrets() {
-        eprintln!("switchboard: {e}");
-        return ExitCode::from(EXIT_CONFIG);
-    }
     match cli.command.unwrap_or(Command::Serve) {
         Command::CheckConfig => {
             println!("configuration is valid");
             ExitCode::SUCCESS
         }
-        Command::Serve => serve(config),
+        Command::Backup { file } => runtime(async move {
+            switchboard::store::sqlite::backup(&config.sqlite_path(), &file)
+                .await
+                .map_err(Into::into)
+        }),
+        Command::Serve => {
+            let log = switchboard::telemetry::init(&config.log);
+            runtime(run(config, cli.config, log))
+        }
     }
 }
 
-fn serve(config: Config) -> ExitCode {
-    switchboard::telemetry::init(&config.log);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+fn runtime(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
     {
@@ -67,7 +88,7 @@ fn serve(config: Config) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(config)) {
+    match rt.block_on(fut) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
@@ -77,38 +98,115 @@ fn serve(config: Config) -> ExitCode {
     }
 }
 
-async fn run(config: Config) -> anyhow::Result<()> {
+/// Tells systemd, when it is listening; a no-op otherwise.
+fn notify(states: &[NotifyState]) {
+    if let Err(e) = sd_notify::notify(states) {
+        tracing::debug!(error = %e, "sd_notify failed");
+    }
+}
+
+async fn run(
+    config: Config,
+    config_path: Option<PathBuf>,
+    log: Option<LogReload>,
+) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
-    let listener = tokio::net::TcpListener::bind(config.http.listen)
-        .await
-        .map_err(|e| anyhow::anyhow!("http.listen {}: {e}", config.http.listen))?;
-    let prepared = switchboard::app::prepare(config, shutdown.clone()).await?;
-    let signals = tokio::spawn(wait_for_signal(prepared.state().clone()));
+    let (listener, tls) = switchboard::app::bind_http(&config).await?;
+    let http = listener.local_addr()?;
+    let prepared = switchboard::app::prepare_with_tls(config, shutdown.clone(), tls).await?;
+    let turn = prepared.turn_addr();
+    let state = prepared.state().clone();
+    // Every listener is bound and the store is open: ready.
+    let status = match turn {
+        Some(t) => format!("serving http on {http}, turn on {t}/udp"),
+        None => format!("serving http on {http}, turn disabled"),
+    };
+    notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
+    let watchdog = sd_notify::watchdog_enabled().map(|period| {
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(period / 2);
+            loop {
+                tick.tick().await;
+                notify(&[NotifyState::Watchdog]);
+            }
+        })
+    });
+    let signals = tokio::spawn(handle_signals(state, config_path, log));
     let result = prepared.run(listener).await;
     signals.abort();
+    if let Some(w) = watchdog {
+        w.abort();
+    }
     result
 }
 
 /// SIGTERM (what systemd sends on stop and on restart) is a restart: sockets get 1012 and
 /// clients reconnect. SIGINT (Ctrl-C) is going away for good: calls end with `server_shutdown`
-/// and sockets get 1001.
-async fn wait_for_signal(state: std::sync::Arc<switchboard::app::AppState>) {
+/// and sockets get 1001. SIGHUP reloads what can change without a restart.
+async fn handle_signals(
+    state: Arc<AppState>,
+    config_path: Option<PathBuf>,
+    log: Option<LogReload>,
+) {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
     ) else {
         tracing::error!("cannot install signal handlers");
         return;
     };
-    tokio::select! {
-        _ = term.recv() => {
-            tracing::info!("SIGTERM received: restarting clients reconnect (1012)");
-            state.shutdown.cancel();
+    loop {
+        tokio::select! {
+            _ = term.recv() => {
+                tracing::info!("SIGTERM received: restarting clients reconnect (1012)");
+                notify(&[NotifyState::Stopping, NotifyState::Status("stopping")]);
+                state.shutdown.cancel();
+                return;
+            }
+            _ = int.recv() => {
+                tracing::info!("SIGINT received: going away (1001), ending calls");
+                notify(&[NotifyState::Stopping, NotifyState::Status("stopping")]);
+                state.go_away().await;
+                return;
+            }
+            _ = hup.recv() => reload(&state, config_path.as_deref(), log.as_ref()),
         }
-        _ = int.recv() => {
-            tracing::info!("SIGINT received: going away (1001), ending calls");
-            state.go_away().await;
+    }
+}
+
+/// Reloads the config file; an invalid one keeps the running config and says why.
+fn reload(state: &AppState, path: Option<&Path>, log: Option<&LogReload>) {
+    tracing::info!("SIGHUP received: reloading the configuration");
+    let new = match load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!("reload failed, keeping the running configuration: {e}");
+            notify(&[NotifyState::Status(
+                "reload failed; running with the previous configuration",
+            )]);
+            return;
+        }
+    };
+    match state.reload(&new) {
+        Ok(restart_needed) => {
+            if let Some(handle) = log {
+                if let Err(e) = handle.reload(switchboard::telemetry::filter(&new.log.level)) {
+                    tracing::warn!(error = %e, "could not change the log level");
+                }
+            }
+            if !restart_needed.is_empty() {
+                tracing::warn!(keys = ?restart_needed, "these changes take effect after a restart");
+            }
+            tracing::info!("configuration reloaded");
+            notify(&[NotifyState::Status("configuration reloaded")]);
+        }
+        Err(e) => {
+            tracing::error!("reload failed, keeping the running configuration: {e:#}");
+            notify(&[NotifyState::Status(
+                "reload failed; running with the previous configuration",
+            )]);
         }
     }
 }

@@ -20,17 +20,26 @@ pub fn filter(level: &str) -> EnvFilter {
     EnvFilter::try_new(directives).unwrap_or_else(|_| EnvFilter::new("info"))
 }
 
+/// Changes the log filter of the running process (SIGHUP).
+pub type LogReload = tracing_subscriber::reload::Handle<EnvFilter, tracing_subscriber::Registry>;
+
 /// Installs the global subscriber. Call once, from `main`.
-pub fn init(config: &LogConfig) {
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter(&config.level))
-        .with_writer(std::io::stdout);
+pub fn init(config: &LogConfig) -> Option<LogReload> {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter(&config.level));
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stdout);
+    let registry = tracing_subscriber::registry().with(filter);
     let result = match config.format {
-        LogFormat::Human => builder.with_ansi(false).try_init(),
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+        LogFormat::Human => registry.with(fmt.with_ansi(false)).try_init(),
+        LogFormat::Json => registry.with(fmt.json().flatten_event(true)).try_init(),
     };
-    if let Err(e) = result {
-        eprintln!("logging was already initialised: {e}");
+    match result {
+        Ok(()) => Some(handle),
+        Err(e) => {
+            eprintln!("logging was already initialised: {e}");
+            None
+        }
     }
 }
 

@@ -6,6 +6,7 @@ pub mod chats;
 pub mod extract;
 pub mod health;
 pub mod ice;
+pub mod tls;
 
 use std::sync::Arc;
 
@@ -38,7 +39,12 @@ impl IntoResponse for ApiError {
 
 pub fn router(state: Arc<AppState>) -> Router {
     let body_limit = state.config.http.max_body_bytes;
-    Router::new()
+    let router = if state.config.http.metrics_listen.is_none() {
+        Router::new().route("/metrics", get(health::metrics))
+    } else {
+        Router::new()
+    };
+    router
         .route("/api/auth/register", post(auth::register))
         .route("/api/auth/login", post(auth::login))
         .route("/api/auth/refresh", post(auth::refresh))
@@ -50,7 +56,6 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/chats/{chat_id}/messages", get(chats::messages))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
-        .route("/metrics", get(health::metrics))
         .route("/ws", get(ws_upgrade))
         .fallback(|| async { ApiError::not_found("no such route") })
         .method_not_allowed_fallback(|| async {
@@ -60,6 +65,13 @@ pub fn router(state: Arc<AppState>) -> Router {
             )
         })
         .layer(DefaultBodyLimit::max(body_limit))
+        .with_state(state)
+}
+
+/// The router of the separate metrics listener (`http.metrics_listen`).
+pub fn metrics_router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/metrics", get(health::metrics))
         .with_state(state)
 }
 

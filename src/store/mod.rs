@@ -10,6 +10,7 @@
 
 pub mod models;
 pub mod sqlite;
+pub mod timed;
 
 use async_trait::async_trait;
 

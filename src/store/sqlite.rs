@@ -721,3 +721,25 @@ impl Store for SqliteStore {
         Ok(changes)
     }
 }
+
+/// Writes a consistent copy of the database at `src` to `dest` (`VACUUM INTO`), safe while the
+/// server runs: readers never block the WAL writer, and the copy is a single compact file.
+pub async fn backup(src: &Path, dest: &Path) -> StoreResult<()> {
+    if dest.exists() {
+        return Err(StoreError::Conflict("the backup file already exists"));
+    }
+    let options = SqliteConnectOptions::from_str("sqlite://")?
+        .filename(src)
+        .read_only(true)
+        .busy_timeout(Duration::from_secs(30));
+    let pool = SqlitePoolOptions::new()
+        .max_connections(1)
+        .connect_with(options)
+        .await?;
+    sqlx::query("VACUUM INTO ?")
+        .bind(dest.to_string_lossy().into_owned())
+        .execute(&pool)
+        .await?;
+    pool.close().await;
+    Ok(())
+}

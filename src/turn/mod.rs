@@ -47,6 +47,9 @@ pub struct TurnServer {
     pub shared: Arc<Shared>,
     pub local_addr: SocketAddr,
     pub relay_ip: IpAddr,
+    /// This server's relay IPs and port range, for rebuilding the peer filter on reload.
+    pub own_ips: Vec<IpAddr>,
+    pub relay_ports: RangeInclusive<u16>,
     closer: tokio::task::JoinHandle<()>,
 }
 
@@ -77,7 +80,12 @@ impl TurnServer {
         if !bind_ip.is_unspecified() && bind_ip != advertised_ip {
             own_ips.push(bind_ip);
         }
-        let filter = PeerFilter::new(&cfg.allow_peers, &cfg.deny_peers, own_ips, ports.clone())?;
+        let filter = PeerFilter::new(
+            &cfg.allow_peers,
+            &cfg.deny_peers,
+            own_ips.clone(),
+            ports.clone(),
+        )?;
         let secrets = Secrets {
             current: secret,
             previous: (!cfg.previous_secret.is_empty()).then(|| cfg.previous_secret.clone()),
@@ -96,7 +104,7 @@ impl TurnServer {
                 relay_addr_generator: Box::new(relay::Relays {
                     bind_ip,
                     advertised_ip,
-                    ports,
+                    ports: ports.clone(),
                     shared: shared.clone(),
                 }),
             }],
@@ -119,6 +127,8 @@ impl TurnServer {
             shared,
             local_addr,
             relay_ip: advertised_ip,
+            own_ips,
+            relay_ports: ports,
             closer,
         })
     }

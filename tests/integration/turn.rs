@@ -181,6 +181,28 @@ impl TurnClient {
     }
 }
 
+/// A sends to B and B to A through their relays; both must arrive.
+pub async fn exchange<C: Conn>(ra: &C, rb: &C, addr_a: SocketAddr, addr_b: SocketAddr, tag: &str) {
+    // Each side writes once so that both allocations have a permission for the other.
+    ra.send_to(b"open", addr_b).await.unwrap();
+    rb.send_to(b"open", addr_a).await.unwrap();
+    for (from, to, to_addr, from_addr) in [(ra, rb, addr_b, addr_a), (rb, ra, addr_a, addr_b)] {
+        let payload = format!("{tag} {from_addr}");
+        // The first packet may race the peer's permission; resend until it lands.
+        let mut got = None;
+        for _ in 0..10 {
+            from.send_to(payload.as_bytes(), to_addr).await.unwrap();
+            if let Some((data, _)) = recv_within(to, Duration::from_millis(500)).await {
+                if data == payload.as_bytes() {
+                    got = Some(data);
+                    break;
+                }
+            }
+        }
+        assert!(got.is_some(), "{payload} did not arrive through the relay");
+    }
+}
+
 /// Credentials from the REST API, as a browser gets them.
 async fn rest_credentials(s: &TestServer, user: &TestUser) -> (String, String) {
     let (status, body) = s
