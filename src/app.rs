@@ -50,6 +50,8 @@ pub struct TurnInfo {
     pub ice: crate::turn::IceConfig,
     own_ips: Vec<std::net::IpAddr>,
     relay_ports: std::ops::RangeInclusive<u16>,
+    /// Where `/readyz` sends its STUN probe (the listener, via loopback when it binds 0.0.0.0).
+    pub probe_addr: SocketAddr,
 }
 
 /// Keys a SIGHUP applies to the running process; every other change needs a restart.
@@ -356,6 +358,15 @@ pub async fn prepare_with_tls(
         None
     };
     let turn = turn_server.as_ref().map(|t| TurnInfo {
+        probe_addr: match t.local_addr.ip() {
+            ip if ip.is_unspecified() && ip.is_ipv4() => {
+                SocketAddr::from(([127, 0, 0, 1], t.local_addr.port()))
+            }
+            ip if ip.is_unspecified() => {
+                SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, t.local_addr.port()))
+            }
+            _ => t.local_addr,
+        },
         own_ips: t.own_ips.clone(),
         relay_ports: t.relay_ports.clone(),
         shared: t.shared.clone(),

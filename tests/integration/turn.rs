@@ -566,3 +566,15 @@ async fn behind_nat_the_relay_address_carries_the_public_ip() {
     assert!((41000..=41999).contains(&relayed.port()));
     s.stop().await;
 }
+
+#[tokio::test]
+async fn readiness_includes_the_turn_listener() {
+    let s = TestServer::start_with(turn_config).await;
+    let resp = s.http.get(s.url("/readyz")).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(
+        resp.json::<serde_json::Value>().await.unwrap()["ready"],
+        true
+    );
+    s.stop().await;
+}
