@@ -41,6 +41,10 @@ pub enum Signal {
         chat_id: String,
         call_id: String,
     },
+    Renegotiate {
+        chat_id: String,
+        description: serde_json::Value,
+    },
 }
 
 enum Input {
@@ -164,6 +168,9 @@ async fn run(
                             Signal::End { chat_id } => machine.end(&user, conn, &chat_id, now),
                             Signal::Ice { chat_id, candidate } => machine.ice_candidate(&user, conn, &chat_id, candidate),
                             Signal::Resume { chat_id, call_id } => machine.resume(&user, conn, &chat_id, &call_id),
+                            Signal::Renegotiate { chat_id, description } => {
+                                machine.renegotiate(&user, conn, &chat_id, description)
+                            }
                         };
                         // Commands first, so the pushes are queued before the reply is written.
                         execute(&mut machine, &node, &tracker);

@@ -535,6 +535,38 @@ impl Machine {
         Ok(id)
     }
 
+    /// `call:renegotiate` (extension): an SDP offer or answer for an ICE restart or a track
+    /// change during an active call, from a party's connection in the call to the other's.
+    pub fn renegotiate(
+        &mut self,
+        user: &str,
+        conn: u64,
+        chat_id: &str,
+        description: Value,
+    ) -> Result<String> {
+        let id = self.call_of(user, chat_id)?;
+        let call = self.calls.get(&id).expect("indexed call exists");
+        if !matches!(call.phase, Phase::Active { .. }) {
+            return Err(CallErrorCode::NoSuchCall);
+        }
+        let (me, other) = if call.caller.user == user {
+            (&call.caller, &call.callee)
+        } else {
+            (&call.callee, &call.caller)
+        };
+        if me.conn != Some(conn) {
+            return Err(CallErrorCode::NoSuchCall);
+        }
+        let data = json!({"chatId": call.chat_id, "callId": call.id, "description": description, "from": user});
+        let target = other
+            .conn
+            .map(|c| (other.user.clone(), c))
+            .into_iter()
+            .collect();
+        self.send_each(target, "call:renegotiate", &data);
+        Ok(id)
+    }
+
     /// `call:resume` from a party whose connection dropped, on its new connection.
     pub fn resume(
         &mut self,

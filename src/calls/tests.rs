@@ -558,3 +558,48 @@ fn shutdown_ends_every_call() {
         ]
     );
 }
+
+#[test]
+fn renegotiation_goes_to_the_other_party_only_while_active() {
+    let mut m = ringing();
+    assert_eq!(
+        m.renegotiate("a", 1, "chat-ab", json!({"type": "offer"})),
+        Err(CallErrorCode::NoSuchCall)
+    );
+    assert!(drain(&mut m).is_empty());
+    let mut m = active();
+    let offer = json!({"type": "offer", "sdp": "v=0 restart"});
+    assert_eq!(
+        m.renegotiate("a", 1, "chat-ab", offer.clone()),
+        Ok("k1".into())
+    );
+    assert_eq!(
+        drain(&mut m),
+        vec![send(
+            "b",
+            2,
+            "call:renegotiate",
+            json!({"chatId": "chat-ab", "callId": "k1", "description": offer, "from": "a"})
+        )]
+    );
+    let answer = json!({"type": "answer", "sdp": "v=0 restarted"});
+    assert_eq!(
+        m.renegotiate("b", 2, "chat-ab", answer.clone()),
+        Ok("k1".into())
+    );
+    assert_eq!(
+        drain(&mut m),
+        vec![send(
+            "a",
+            1,
+            "call:renegotiate",
+            json!({"chatId": "chat-ab", "callId": "k1", "description": answer, "from": "b"})
+        )]
+    );
+    assert_eq!(
+        m.renegotiate("b", 3, "chat-ab", json!({})),
+        Err(CallErrorCode::NoSuchCall),
+        "not the device in the call"
+    );
+    assert!(drain(&mut m).is_empty());
+}

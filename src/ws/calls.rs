@@ -96,6 +96,13 @@ struct IceReq {
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
+struct RenegotiateReq {
+    chat_id: String,
+    description: Sdp,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
 struct ResumeReq {
     chat_id: String,
     call_id: String,
@@ -181,6 +188,14 @@ pub async fn handle(
                 candidate: req.candidate,
             }
         }
+        "call:renegotiate" => {
+            let req: RenegotiateReq = payload(data).map_err(fail)?;
+            Signal::Renegotiate {
+                chat_id: req.chat_id,
+                description: serde_json::to_value(&req.description)
+                    .expect("plain struct serialises"),
+            }
+        }
         "call:resume" => {
             let req: ResumeReq = payload(data).map_err(fail)?;
             Signal::Resume {
@@ -200,7 +215,8 @@ pub async fn handle(
         | Signal::Reject { chat_id }
         | Signal::End { chat_id }
         | Signal::Ice { chat_id, .. }
-        | Signal::Resume { chat_id, .. } => chat_id.clone(),
+        | Signal::Resume { chat_id, .. }
+        | Signal::Renegotiate { chat_id, .. } => chat_id.clone(),
     };
     match state
         .calls

@@ -41,6 +41,7 @@ pub const KNOWN_EVENTS: &[&str] = &[
     "call:end",
     "call:ice-candidate",
     "call:resume",
+    "call:renegotiate",
 ];
 
 /// The metrics label for an event name.
