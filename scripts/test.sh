@@ -69,6 +69,27 @@ if ! command -v openssl >/dev/null; then
     EXCLUDE+=('test(=ops::sighup_swaps_certificate_and_turn_secret_without_dropping_anything)')
 fi
 
+# Browser tests: Debian's Chromium and playwright-core from npm (never a downloaded browser).
+if [ ! -x /usr/bin/chromium ]; then
+    say "installing chromium (browser end-to-end tests)"
+    apt_install chromium fonts-dejavu-core || true
+fi
+BROWSER_TESTS=1
+if [ ! -x /usr/bin/chromium ]; then
+    SKIPPED+=("browser end-to-end tests (chromium missing: apt-get install chromium)")
+    BROWSER_TESTS=0
+fi
+if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
+    say "installing nodejs and npm (SDK and browser tests)"
+    apt_install nodejs npm || true
+fi
+NODE_TESTS=1
+if ! command -v node >/dev/null; then
+    SKIPPED+=("SDK unit tests and browser tests (node missing: apt-get install nodejs npm)")
+    NODE_TESTS=0
+    BROWSER_TESTS=0
+fi
+
 say "cargo fmt --check"
 cargo fmt --check
 
@@ -89,6 +110,15 @@ else
         warn "without cargo-nextest the skips above cannot be applied; those tests will fail"
     fi
     cargo test --no-fail-fast
+fi
+
+if [ "$NODE_TESTS" = 1 ]; then
+    say "SDK unit tests and browser end-to-end tests (node --test)"
+    (cd web/tests && npm ci --no-audit --no-fund --loglevel=error)
+    cargo build --quiet   # the browser tests drive target/debug/switchboard
+    files=(web/tests/sdk.test.mjs)
+    if [ "$BROWSER_TESTS" = 1 ]; then files+=(web/tests/e2e.test.mjs); fi
+    node --test --test-timeout=180000 "${files[@]}"
 fi
 
 if [ ${#SKIPPED[@]} -gt 0 ]; then

@@ -7,6 +7,7 @@ pub mod extract;
 pub mod health;
 pub mod ice;
 pub mod tls;
+pub mod web;
 
 use std::sync::Arc;
 
@@ -54,6 +55,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/turn-credentials", get(ice::turn_credentials))
         .route("/api/chats", get(chats::list).post(chats::create))
         .route("/api/chats/{chat_id}/messages", get(chats::messages))
+        .route("/", get(web::index))
+        .route("/app.js", get(web::app))
+        .route("/style.css", get(web::style))
+        .route("/sdk/switchboard.js", get(web::sdk))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/ws", get(ws_upgrade))

@@ -143,9 +143,16 @@ async fn answered_call_relays_sdp_and_candidates_and_is_recorded() {
 
     // An ICE restart's offer/answer goes through `call:renegotiate` (extension).
     let restart = json!({"type": "offer", "sdp": "v=0 restart"});
-    wa.ok("call:renegotiate", json!({"chatId": w.chat_ab, "description": restart})).await;
+    wa.ok(
+        "call:renegotiate",
+        json!({"chatId": w.chat_ab, "description": restart}),
+    )
+    .await;
     let r = b2.event("call:renegotiate").await;
-    assert_eq!((r["description"].clone(), r["from"].clone()), (restart, json!(w.a.id)));
+    assert_eq!(
+        (r["description"].clone(), r["from"].clone()),
+        (restart, json!(w.a.id))
+    );
 
     tokio::time::sleep(Duration::from_millis(1100)).await;
     wa.ok("call:end", json!({"chatId": w.chat_ab})).await;
