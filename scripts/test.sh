@@ -121,6 +121,21 @@ if [ "$NODE_TESTS" = 1 ]; then
     node --test --test-timeout=180000 "${files[@]}"
 fi
 
+# Benchmarks are not pass/fail, but each runs once in a tiny mode so it cannot rot.
+if command -v turnserver >/dev/null && command -v python3 >/dev/null; then
+    say "benchmark smoke run: scripts/bench/turn.sh --smoke"
+    bash scripts/bench/turn.sh --smoke
+else
+    SKIPPED+=("TURN benchmark smoke run (turnserver or python3 missing)")
+fi
+if [ "$NODE_TESTS" = 1 ] && command -v python3 >/dev/null; then
+    say "benchmark smoke run: scripts/bench/ws.sh --smoke"
+    (cd benches/baselines/socketio && npm ci --no-audit --no-fund --loglevel=error)
+    bash scripts/bench/ws.sh --smoke
+else
+    SKIPPED+=("WebSocket benchmark smoke run (node or python3 missing)")
+fi
+
 if [ ${#SKIPPED[@]} -gt 0 ]; then
     for s in "${SKIPPED[@]}"; do warn "SKIPPED (not counted as passed): $s"; done
     say "checks passed, with the skips above"

@@ -1,0 +1,431 @@
+//! WebSocket load client for `scripts/bench/ws.sh`: the same workloads against Switchboard
+//! (`--proto sb`) and a Socket.IO 4 server (`--proto sio`, engine.io v4 over WebSocket).
+//! Prints one `RESULT key=value ...` line per workload; the script turns them into a table.
+//!
+//!   ws-load idle   --url URL --proto sb|sio --conns N [--setup FILE] --hold SECS
+//!   ws-load fanout --url URL --proto sb|sio --clients C --group G --messages M [--setup FILE]
+//!   ws-load ack    --url URL --proto sb|sio --messages M [--setup FILE]
+//!   ws-load call   --url URL --proto sb|sio --calls K [--setup FILE]
+//!
+//! `--setup` (Switchboard only) is JSON written by the script: `{"tokens": [...],
+//! "chats": [["chatId", [userIndex, ...]], ...], "direct": "chatId of users 0 and 1"}`.
+
+#![allow(clippy::disallowed_methods)] // a load generator reads the clock all the time
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+#[derive(Clone, Copy, PartialEq)]
+enum Proto {
+    Sb,
+    Sio,
+}
+
+struct Args(HashMap<String, String>);
+
+impl Args {
+    fn get(&self, k: &str) -> Option<&str> {
+        self.0.get(k).map(String::as_str)
+    }
+    fn num(&self, k: &str, default: u64) -> u64 {
+        self.get(k)
+            .map(|v| v.parse().expect("a number"))
+            .unwrap_or(default)
+    }
+}
+
+fn micros() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+/// One client connection, speaking either protocol.
+struct Client {
+    ws: Ws,
+    proto: Proto,
+    next_id: u64,
+}
+
+impl Client {
+    async fn connect(url: &str, proto: Proto, token: Option<&str>) -> anyhow::Result<Client> {
+        let url = match (proto, token) {
+            (Proto::Sb, Some(t)) => format!("{url}?token={t}"),
+            (Proto::Sb, None) => url.to_owned(),
+            (Proto::Sio, _) => format!("{url}/socket.io/?EIO=4&transport=websocket"),
+        };
+        let (ws, _) = tokio_tungstenite::connect_async(url).await?;
+        let mut c = Client {
+            ws,
+            proto,
+            next_id: 1,
+        };
+        match proto {
+            // connection:established
+            Proto::Sb => {
+                c.next_event().await?;
+            }
+            // engine.io open, then the namespace connect.
+            Proto::Sio => {
+                c.raw().await?;
+                c.ws.send(Message::Text("40".into())).await?;
+                while !c.raw().await?.starts_with("40") {}
+            }
+        }
+        Ok(c)
+    }
+
+    /// Next text frame, answering engine.io pings on the way.
+    async fn raw(&mut self) -> anyhow::Result<String> {
+        loop {
+            match self.ws.next().await {
+                Some(Ok(Message::Text(t))) => {
+                    if self.proto == Proto::Sio && t.as_str() == "2" {
+                        self.ws.send(Message::Text("3".into())).await?;
+                        continue;
+                    }
+                    return Ok(t.to_string());
+                }
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => return Err(e.into()),
+                None => anyhow::bail!("closed"),
+            }
+        }
+    }
+
+    /// Next event as (name, data); replies/acks come back as ("reply", {id, data}).
+    async fn next_event(&mut self) -> anyhow::Result<(String, Value)> {
+        let text = self.raw().await?;
+        match self.proto {
+            Proto::Sb => {
+                let v: Value = serde_json::from_str(&text)?;
+                let name = v["event"].as_str().unwrap_or_default().to_owned();
+                if name == "reply" {
+                    return Ok((name, json!({"id": v["id"], "data": v["data"]})));
+                }
+                Ok((name, v["data"].clone()))
+            }
+            Proto::Sio => {
+                // 42["event",data]  or  43<id>[data]
+                let digits: String = text
+                    .get(2..)
+                    .unwrap_or_default()
+                    .chars()
+                    .take_while(|c| c.is_ascii_digit())
+                    .collect();
+                let body = &text[(2 + digits.len()).min(text.len())..];
+                let v: Value = serde_json::from_str(body).unwrap_or(Value::Null);
+                if text.starts_with("43") {
+                    let id = digits.parse::<u64>().unwrap_or(0);
+                    return Ok(("reply".into(), json!({"id": id, "data": v[0]})));
+                }
+                Ok((v[0].as_str().unwrap_or_default().to_owned(), v[1].clone()))
+            }
+        }
+    }
+
+    /// Sends a request with an id; returns the id.
+    async fn request(&mut self, event: &str, data: Value) -> anyhow::Result<u64> {
+        let id = self.next_id;
+        self.next_id += 1;
+        let text = match self.proto {
+            Proto::Sb => json!({"event": event, "data": data, "id": id}).to_string(),
+            Proto::Sio => format!("42{id}{}", json!([event, data])),
+        };
+        self.ws.send(Message::Text(text.into())).await?;
+        Ok(id)
+    }
+
+    async fn wait_reply(&mut self, id: u64) -> anyhow::Result<Value> {
+        loop {
+            let (name, v) = self.next_event().await?;
+            if name == "reply" && v["id"].as_u64() == Some(id) {
+                return Ok(v["data"].clone());
+            }
+        }
+    }
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+struct Setup {
+    tokens: Vec<String>,
+    chats: Vec<String>,
+    direct: Option<String>,
+}
+
+fn load_setup(args: &Args) -> anyhow::Result<Setup> {
+    let Some(path) = args.get("setup") else {
+        return Ok(Setup {
+            tokens: Vec::new(),
+            chats: Vec::new(),
+            direct: None,
+        });
+    };
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(path)?)?;
+    let strings = |v: &Value| -> Vec<String> {
+        v.as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|t| t.as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    Ok(Setup {
+        tokens: strings(&v["tokens"]),
+        chats: strings(&v["chats"]),
+        direct: v["direct"].as_str().map(str::to_owned),
+    })
+}
+
+async fn connect_many(url: &str, proto: Proto, setup: &Setup, n: usize) -> Vec<Client> {
+    let sem = Arc::new(tokio::sync::Semaphore::new(256));
+    let mut tasks = Vec::with_capacity(n);
+    for i in 0..n {
+        let token = setup.tokens.get(i % setup.tokens.len().max(1)).cloned();
+        let (url, sem) = (url.to_owned(), sem.clone());
+        tasks.push(tokio::spawn(async move {
+            let _permit = sem.acquire().await.expect("semaphore");
+            for attempt in 0..5 {
+                match Client::connect(&url, proto, token.as_deref()).await {
+                    Ok(c) => return Some(c),
+                    Err(_) => tokio::time::sleep(Duration::from_millis(50 << attempt)).await,
+                }
+            }
+            None
+        }));
+    }
+    let mut out = Vec::with_capacity(n);
+    for t in tasks {
+        if let Ok(Some(c)) = t.await {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Room (chat) of client `i` when rooms hold `group` consecutive clients.
+fn room_of(rooms: &[String], i: usize, group: usize) -> String {
+    rooms[(i / group).min(rooms.len() - 1)].clone()
+}
+
+async fn fanout(url: &str, proto: Proto, setup: &Setup, args: &Args) -> anyhow::Result<()> {
+    let clients_n = args.num("clients", 100) as usize;
+    let group = args.num("group", 2) as usize;
+    let messages = args.num("messages", 1000);
+    let mut clients = connect_many(url, proto, setup, clients_n).await;
+    let rooms: Vec<String> = match proto {
+        Proto::Sb => setup.chats.clone(),
+        Proto::Sio => (0..clients_n.div_ceil(group))
+            .map(|r| format!("room-{r}"))
+            .collect(),
+    };
+    anyhow::ensure!(!rooms.is_empty(), "no rooms");
+    if proto == Proto::Sio {
+        for (i, c) in clients.iter_mut().enumerate() {
+            let id = c.request("join", json!(room_of(&rooms, i, group))).await?;
+            c.wait_reply(id).await?;
+        }
+    }
+    let per_room = (messages / rooms.len() as u64).max(1);
+    let total_expected = per_room * rooms.len() as u64 * group as u64;
+    let received = Arc::new(AtomicU64::new(0));
+    let latencies = Arc::new(std::sync::Mutex::new(Vec::with_capacity(
+        total_expected as usize,
+    )));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for (i, mut c) in clients.into_iter().enumerate() {
+        let room = room_of(&rooms, i, group);
+        let sender = i % group == 0;
+        let (received, latencies) = (received.clone(), latencies.clone());
+        tasks.push(tokio::spawn(async move {
+            // A sender keeps one message in flight: the next goes when the previous is acked.
+            let mut sent = 0u64;
+            let mut waiting: Option<u64> = None;
+            loop {
+                if sender && waiting.is_none() && sent < per_room {
+                    let content = format!("t={}", micros());
+                    match c
+                        .request("message", json!({"chatId": room, "content": content}))
+                        .await
+                    {
+                        Ok(id) => waiting = Some(id),
+                        Err(_) => break,
+                    }
+                    sent += 1;
+                }
+                let Ok((name, data)) = c.next_event().await else {
+                    break;
+                };
+                if name == "reply" && data["id"].as_u64() == waiting {
+                    waiting = None;
+                } else if name == "message" {
+                    let t = data["content"]
+                        .as_str()
+                        .and_then(|s| s.strip_prefix("t="))
+                        .and_then(|s| s.parse::<u64>().ok());
+                    if let Some(t) = t {
+                        let ms = micros().saturating_sub(t) as f64 / 1000.0;
+                        latencies.lock().expect("lock").push(ms);
+                    }
+                    received.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }));
+    }
+    let deadline = Instant::now() + Duration::from_secs(args.num("seconds", 120));
+    while received.load(Ordering::Relaxed) < total_expected && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let got = received.load(Ordering::Relaxed);
+    let mut l = latencies.lock().expect("lock").clone();
+    l.sort_by(|a, b| a.total_cmp(b));
+    println!(
+        "RESULT workload=fanout group={group} clients={clients_n} deliveries={got} expected={total_expected} seconds={secs:.2} deliveries_per_s={:.0} p50_ms={:.2} p99_ms={:.2}",
+        got as f64 / secs,
+        percentile(&l, 0.5),
+        percentile(&l, 0.99)
+    );
+    for t in tasks {
+        t.abort();
+    }
+    Ok(())
+}
+
+async fn join_room(c: &mut Client, room: &str) -> anyhow::Result<String> {
+    let id = c.request("join", json!(room)).await?;
+    c.wait_reply(id).await?;
+    Ok(room.to_owned())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let mut argv = std::env::args().skip(1);
+    let cmd = argv.next().unwrap_or_default();
+    let rest: Vec<String> = argv.collect();
+    let mut map = HashMap::new();
+    for pair in rest.chunks(2) {
+        if let [k, v] = pair {
+            map.insert(k.trim_start_matches("--").to_owned(), v.clone());
+        }
+    }
+    let args = Args(map);
+    let url = args.get("url").expect("--url").to_owned();
+    let proto = if args.get("proto") == Some("sio") {
+        Proto::Sio
+    } else {
+        Proto::Sb
+    };
+    let setup = load_setup(&args)?;
+    match cmd.as_str() {
+        "idle" => {
+            let n = args.num("conns", 1000) as usize;
+            let started = Instant::now();
+            let clients = connect_many(&url, proto, &setup, n).await;
+            let secs = started.elapsed().as_secs_f64();
+            println!(
+                "RESULT workload=idle connected={} seconds={secs:.2} connect_per_s={:.0}",
+                clients.len(),
+                clients.len() as f64 / secs
+            );
+            println!("READY");
+            // Keep answering pings while the script measures the server.
+            let hold = Duration::from_secs(args.num("hold", 5));
+            let mut tasks = Vec::new();
+            for mut c in clients {
+                tasks.push(tokio::spawn(async move {
+                    let _ =
+                        tokio::time::timeout(hold, async { while c.raw().await.is_ok() {} }).await;
+                }));
+            }
+            for t in tasks {
+                let _ = t.await;
+            }
+        }
+        "fanout" => fanout(&url, proto, &setup, &args).await?,
+        "ack" => {
+            let messages = args.num("messages", 1000);
+            let mut c =
+                Client::connect(&url, proto, setup.tokens.first().map(String::as_str)).await?;
+            let room = match proto {
+                Proto::Sb => setup.direct.clone().expect("setup.direct"),
+                Proto::Sio => join_room(&mut c, "ack-room").await?,
+            };
+            let mut l = Vec::with_capacity(messages as usize);
+            for i in 0..messages {
+                let t = Instant::now();
+                let id = c
+                    .request(
+                        "message",
+                        json!({"chatId": room, "content": format!("ack {i}")}),
+                    )
+                    .await?;
+                c.wait_reply(id).await?;
+                l.push(t.elapsed().as_secs_f64() * 1000.0);
+            }
+            l.sort_by(|a, b| a.total_cmp(b));
+            println!(
+                "RESULT workload=ack messages={messages} p50_ms={:.3} p99_ms={:.3}",
+                percentile(&l, 0.5),
+                percentile(&l, 0.99)
+            );
+        }
+        "call" => {
+            let calls = args.num("calls", 100);
+            let token = |i: usize| setup.tokens.get(i).map(String::as_str);
+            let mut caller = Client::connect(&url, proto, token(0)).await?;
+            let mut callee = Client::connect(&url, proto, token(1)).await?;
+            let room = match proto {
+                Proto::Sb => setup.direct.clone().expect("setup.direct"),
+                Proto::Sio => {
+                    join_room(&mut callee, "call-room").await?;
+                    join_room(&mut caller, "call-room").await?
+                }
+            };
+            let offer = json!({"type": "offer", "sdp": "v=0\r\n".repeat(40)});
+            let mut l = Vec::with_capacity(calls as usize);
+            for _ in 0..calls {
+                let t = Instant::now();
+                caller
+                    .request(
+                        "call:initiate",
+                        json!({"chatId": room, "offer": offer, "callType": "audio"}),
+                    )
+                    .await?;
+                while callee.next_event().await?.0 != "call:offer" {}
+                l.push(t.elapsed().as_secs_f64() * 1000.0);
+                if proto == Proto::Sb {
+                    let id = caller.request("call:end", json!({"chatId": room})).await?;
+                    caller.wait_reply(id).await?;
+                }
+            }
+            l.sort_by(|a, b| a.total_cmp(b));
+            println!(
+                "RESULT workload=call calls={calls} p50_ms={:.3} p99_ms={:.3}",
+                percentile(&l, 0.5),
+                percentile(&l, 0.99)
+            );
+        }
+        other => anyhow::bail!("unknown workload `{other}`"),
+    }
+    Ok(())
+}
