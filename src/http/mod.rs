@@ -129,7 +129,7 @@ async fn ws_upgrade(
     let max = state.config.ws.max_frame_bytes;
     ws
         // Small buffers: most connections are idle most of the time (NOTES: 128 KiB by default).
-        .read_buffer_size(4096)
+        .read_buffer_size(2048)
         .write_buffer_size(4096)
         .max_message_size(max)
         .max_frame_size(max)

@@ -23,7 +23,9 @@ pub use broker::{Broker, MemoryBroker};
 pub struct Outbound {
     pub text: Arc<str>,
     /// Set on `message` pushes: writing it to a connection marks it delivered for that user.
-    pub delivery: Option<Delivery>,
+    /// Behind an `Arc`: a queue slot stays two words, and every connection's queue allocates its
+    /// slots up front (idle memory per connection).
+    pub delivery: Option<Arc<Delivery>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

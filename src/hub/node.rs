@@ -81,11 +81,11 @@ impl Node {
             only_conn: None,
             out: Outbound {
                 text: push("message", &wire).into(),
-                delivery: Some(super::Delivery {
+                delivery: Some(Arc::new(super::Delivery {
                     chat_id: record.chat_id.as_str().into(),
                     seq: record.seq,
                     sender_id: record.sender_id.as_str().into(),
-                }),
+                })),
             },
         });
     }

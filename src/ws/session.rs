@@ -235,7 +235,8 @@ where
                         continue;
                     }
                 }
-                let frames = process(state, conn, body.as_str(), &mut token_expires_at).await;
+                // Boxed: an idle connection then holds a pointer, not the largest handler state.
+                let frames = Box::pin(process(state, conn, body.as_str(), &mut token_expires_at)).await;
                 for frame in frames.frames {
                     if guarded_send(socket, text(frame), &kill, &shutdown).await.is_err() {
                         break;
