@@ -97,6 +97,25 @@ pub fn changed_keys(old: &Config, new: &Config) -> Vec<String> {
     out
 }
 
+impl TurnInfo {
+    /// `iceServers` and the credential in them, minted now with the current secret.
+    pub fn mint(
+        &self,
+        user_id: &str,
+        host: &str,
+    ) -> (serde_json::Value, crate::auth::turn_rest::TurnCredential) {
+        let secret = self
+            .shared
+            .secrets
+            .read()
+            .expect("secrets lock")
+            .current
+            .clone();
+        self.ice
+            .ice_servers(&secret, user_id, host, crate::time::now_ms() / 1000)
+    }
+}
+
 impl AppState {
     /// `(iceServers, expiresAt)` (unix seconds) for `user_id`, reached through `host` (the HTTP
     /// Host header). Empty when TURN is disabled.
@@ -104,16 +123,7 @@ impl AppState {
         match &self.turn {
             None => (serde_json::json!([]), None),
             Some(t) => {
-                let secret = t
-                    .shared
-                    .secrets
-                    .read()
-                    .expect("secrets lock")
-                    .current
-                    .clone();
-                let (servers, cred) =
-                    t.ice
-                        .ice_servers(&secret, user_id, host, crate::time::now_ms() / 1000);
+                let (servers, cred) = t.mint(user_id, host);
                 (servers, Some(cred.expires_at))
             }
         }

@@ -58,16 +58,7 @@ pub async fn turn_credentials(
         .as_ref()
         .ok_or_else(|| ApiError::not_found("TURN is disabled on this server"))?;
     let host = request_host(&headers);
-    let secret = turn
-        .shared
-        .secrets
-        .read()
-        .expect("secrets lock")
-        .current
-        .clone();
-    let (_, cred) = turn
-        .ice
-        .ice_servers(&secret, &me.user_id, &host, crate::time::now_ms() / 1000);
+    let (_, cred) = turn.mint(&me.user_id, &host);
     Ok(Json(json!({
         "username": cred.username,
         "password": cred.password,
