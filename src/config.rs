@@ -636,6 +636,43 @@ mod tests {
     }
 
     #[test]
+    fn the_reference_config_documents_every_key() {
+        let reference = include_str!("../turn-config/switchboard.toml");
+        let defaults = serde_json::to_value(Config::default()).unwrap();
+        let mut section = String::new();
+        let mut documented = std::collections::HashSet::new();
+        for line in reference.lines() {
+            let line = line.trim();
+            if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+                section = name.to_owned();
+            } else if let Some((key, _)) = line.trim_start_matches('#').split_once(" = ") {
+                documented.insert(if section.is_empty() {
+                    key.trim().to_owned()
+                } else {
+                    format!("{section}.{}", key.trim())
+                });
+            }
+        }
+        for (name, value) in defaults.as_object().unwrap() {
+            match value.as_object() {
+                Some(keys) => {
+                    for key in keys.keys() {
+                        let path = format!("{name}.{key}");
+                        assert!(
+                            documented.contains(&path),
+                            "turn-config/switchboard.toml lacks `{path}`"
+                        );
+                    }
+                }
+                None => assert!(
+                    documented.contains(name),
+                    "turn-config/switchboard.toml lacks `{name}`"
+                ),
+            }
+        }
+    }
+
+    #[test]
     fn secret_files_are_read() {
         let dir = tempfile::tempdir().unwrap();
         let secret = dir.path().join("s");
