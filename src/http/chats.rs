@@ -125,14 +125,7 @@ pub async fn messages(
 ) -> Result<Json<Value>, ApiError> {
     let Query(q) =
         query.map_err(|e| ApiError::bad_request(format!("invalid query: {}", e.body_text())))?;
-    let store = &state.node.store;
-    let members = store.members(&chat_id).await?;
-    if members.is_empty() {
-        return Err(ApiError::not_found("chat not found"));
-    }
-    if !members.iter().any(|m| m.user_id == me.user_id) {
-        return Err(ApiError::forbidden("not a participant of this chat"));
-    }
+    let members = state.node.members_for(&chat_id, &me.user_id).await?;
     let limit = q.limit.unwrap_or(DEFAULT_LIMIT).clamp(1, MAX_LIMIT);
     let page = match (q.before_seq, q.after_seq) {
         (Some(_), Some(_)) => {
@@ -144,7 +137,7 @@ pub async fn messages(
         (None, Some(seq)) => Page::After { seq, limit },
         (None, None) => Page::Latest { limit },
     };
-    let (msgs, has_more) = store.messages(&chat_id, page).await?;
+    let (msgs, has_more) = state.node.store.messages(&chat_id, page).await?;
     Ok(Json(
         json!({ "messages": with_status(&msgs, &members), "hasMore": has_more }),
     ))

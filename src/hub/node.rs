@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::presence::{Presence, PresenceEvent};
 use super::{Broker, Envelope, Hub, Outbound};
+use crate::error::ApiError;
 use crate::store::{CursorKind, CursorUpdate, Member, MessageRecord, StatusChange, Store};
 use crate::time::{now_ms, rfc3339_ms};
 use crate::ws::protocol::push;
@@ -51,6 +52,20 @@ impl Node {
             delivery_tx,
             delivery_rx: Mutex::new(Some(delivery_rx)),
         }
+    }
+
+    /// Members of `chat_id` if `user_id` is one: `not_found` / `forbidden` otherwise. The access
+    /// check every chat request makes, over the WebSocket and REST alike.
+    pub async fn members_for(&self, chat_id: &str, user_id: &str) -> Result<Vec<Member>, ApiError> {
+        let members = self.store.members(chat_id).await?;
+        if members.is_empty() {
+            // Every chat has members; none means no such chat.
+            return Err(ApiError::not_found("chat not found"));
+        }
+        if !members.iter().any(|m| m.user_id == user_id) {
+            return Err(ApiError::forbidden("not a participant of this chat"));
+        }
+        Ok(members)
     }
 
     pub fn publish(&self, env: Envelope) {

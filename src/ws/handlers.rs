@@ -54,23 +54,6 @@ fn new_id() -> String {
     uuid::Uuid::now_v7().to_string()
 }
 
-/// Members of `chat_id` if `user_id` is one: `not_found` / `forbidden` otherwise.
-async fn members_for(
-    state: &AppState,
-    chat_id: &str,
-    user_id: &str,
-) -> Result<Vec<Member>, ApiError> {
-    let members = state.node.store.members(chat_id).await?;
-    if members.is_empty() {
-        // Every chat has members; none means no such chat.
-        return Err(ApiError::not_found("chat not found"));
-    }
-    if !members.iter().any(|m| m.user_id == user_id) {
-        return Err(ApiError::forbidden("not a participant of this chat"));
-    }
-    Ok(members)
-}
-
 fn others(members: &[Member], user_id: &str) -> Vec<String> {
     members
         .iter()
@@ -135,7 +118,7 @@ pub async fn handle(
         }
         "chat:join" => {
             let req: p::ChatJoin = payload(data)?;
-            let members = members_for(state, &req.chat_id, me).await?;
+            let members = state.node.members_for(&req.chat_id, me).await?;
             let store = &state.node.store;
             let chat = store.chat(&req.chat_id).await?;
             let page = match req.after_seq {
@@ -163,7 +146,7 @@ pub async fn handle(
         }
         "chat:leave" => {
             let req: p::ChatRef = payload(data)?;
-            members_for(state, &req.chat_id, me).await?;
+            state.node.members_for(&req.chat_id, me).await?;
             state
                 .node
                 .hub
@@ -218,12 +201,7 @@ pub async fn handle(
             let req: p::MessageRead = payload(data)?;
             let (chat_id, seq) = match (req.message_id, req.chat_id, req.seq) {
                 (Some(id), _, _) => {
-                    let m = state.node.store.message(&id).await.map_err(|e| match e {
-                        crate::store::StoreError::NotFound => {
-                            ApiError::not_found("message not found")
-                        }
-                        other => other.into(),
-                    })?;
+                    let m = find_message(state, &id).await?;
                     (m.chat_id, m.seq)
                 }
                 (None, Some(chat_id), Some(seq)) => (chat_id, seq),
@@ -233,7 +211,7 @@ pub async fn handle(
                     ))
                 }
             };
-            members_for(state, &chat_id, me).await?;
+            state.node.members_for(&chat_id, me).await?;
             let last_seq = state.node.store.chat(&chat_id).await?.last_seq;
             let seq = seq.clamp(0, last_seq);
             let changes = state
@@ -253,7 +231,7 @@ pub async fn handle(
             let req: p::MessageRef = payload(data)?;
             let pin = event == "message:pin";
             let m = find_message(state, &req.message_id).await?;
-            let members = members_for(state, &m.chat_id, me).await?;
+            let members = state.node.members_for(&m.chat_id, me).await?;
             let (m, changed) = state.node.store.set_pinned(&m.id, pin).await?;
             let wire = with_status(std::slice::from_ref(&m), &members).remove(0);
             if changed {
@@ -271,7 +249,7 @@ pub async fn handle(
         }
         "chat:get-pinned" => {
             let req: p::ChatRef = payload(data)?;
-            let members = members_for(state, &req.chat_id, me).await?;
+            let members = state.node.members_for(&req.chat_id, me).await?;
             let pinned = state.node.store.pinned(&req.chat_id).await?;
             Ok(Handled::data(
                 json!({ "messages": with_status(&pinned, &members) }),
@@ -302,7 +280,7 @@ pub async fn handle(
         }
         "typing-start" | "typing-stop" => {
             let req: p::ChatRef = payload(data)?;
-            let members = members_for(state, &req.chat_id, me).await?;
+            let members = state.node.members_for(&req.chat_id, me).await?;
             let others = others(&members, me);
             if event == "typing-start" {
                 state.node.typing_start(me, &req.chat_id, others);
@@ -354,7 +332,7 @@ async fn send_message(
             return Err(ApiError::bad_request("clientMsgId: 1 to 128 bytes"));
         }
     }
-    let members = members_for(state, &req.chat_id, me).await?;
+    let members = state.node.members_for(&req.chat_id, me).await?;
     let mut stored = state
         .node
         .store
@@ -402,7 +380,7 @@ async fn forward(
     to_chat: &str,
     comment: Option<String>,
 ) -> Result<Handled, ApiError> {
-    let target = members_for(state, to_chat, me).await?;
+    let target = state.node.members_for(to_chat, me).await?;
     let mut originals = Vec::with_capacity(ids.len());
     for id in ids {
         let m = find_message(state, id).await?;
