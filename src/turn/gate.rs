@@ -4,15 +4,25 @@
 //! error (401 for bad or expired credentials, 403 for forbidden peers, 486/508 over quota), and
 //! watches the crate's Allocate responses to know which allocations are live. The crate's
 //! [`AuthHandler`] then only looks up the key the gate already verified.
+//!
+//! It also answers the nonce challenges (401 without credentials, 438 for a nonce it does not
+//! accept) with the house nonce of [`super::nonce`], so that no request makes the crate issue,
+//! and keep forever, a nonce of its own. The crate is asked for house nonces with synthetic
+//! requests: [`Shared::queue_probe`] leaves one for the read loop, which hands it to the crate
+//! as if it came from [`PROBE_SOURCE`], and the crate's answer to that address is caught in
+//! `send_to`.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::Instant;
 
+use stun::agent::TransactionId;
 use stun::attributes::{ATTR_MESSAGE_INTEGRITY, ATTR_NONCE, ATTR_REALM, ATTR_USERNAME};
 use stun::error_code::{
-    ErrorCode, ErrorCodeAttribute, CODE_ALLOC_QUOTA_REACHED, CODE_FORBIDDEN,
-    CODE_INSUFFICIENT_CAPACITY, CODE_UNAUTHORIZED,
+    ErrorCode, ErrorCodeAttribute, CODE_ALLOC_QUOTA_REACHED, CODE_BAD_REQUEST, CODE_FORBIDDEN,
+    CODE_INSUFFICIENT_CAPACITY, CODE_STALE_NONCE, CODE_UNAUTHORIZED,
 };
 use stun::fingerprint::FINGERPRINT;
 use stun::integrity::MessageIntegrity;
@@ -27,6 +37,7 @@ use turn::proto::peeraddr::PeerAddress;
 use webrtc_util::Conn;
 
 use super::filter::PeerFilter;
+use super::nonce::{HouseNonces, Probe};
 use super::policy::{Policy, Refusal};
 use crate::auth::turn_rest;
 use crate::time::now_ms;
@@ -35,6 +46,9 @@ use crate::time::now_ms;
 const MAX_KEYS: usize = 50_000;
 /// A verified key unused for this long is forgotten (unless its allocation is live).
 const KEY_IDLE_MS: i64 = 15 * 60 * 1000;
+/// The source the crate sees for a probe, and the address its answer goes to: no datagram
+/// comes from port 0, so the crate's answers to it can only be answers to probes.
+pub const PROBE_SOURCE: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0));
 
 /// A long-term key the gate verified, and when it was last used (unix ms).
 type VerifiedKey = (Vec<u8>, i64);
@@ -57,6 +71,14 @@ pub struct Shared {
     keys: Mutex<HashMap<(SocketAddr, String), VerifiedKey>>,
     /// Per-packet counters, looked up once (the relay path is hot).
     pub counters: RelayCounters,
+    /// House nonces, on the monotonic clock of [`Shared::mono_ms`].
+    nonces: Mutex<HouseNonces>,
+    epoch: Instant,
+    /// A probe for the crate, waiting for a read loop; the flag spares the lock per datagram.
+    probe: Mutex<Option<Vec<u8>>>,
+    probe_waiting: AtomicBool,
+    /// Signalled when the crate answered a probe.
+    pub nonce_issued: tokio::sync::Notify,
 }
 
 pub struct RelayCounters {
@@ -74,6 +96,12 @@ impl Shared {
             filter: RwLock::new(filter),
             policy: Mutex::new(policy),
             keys: Mutex::new(HashMap::new()),
+            nonces: Mutex::new(HouseNonces::new()),
+            #[allow(clippy::disallowed_methods)] // the gate is a shell; the schedule is pure
+            epoch: Instant::now(),
+            probe: Mutex::new(None),
+            probe_waiting: AtomicBool::new(false),
+            nonce_issued: tokio::sync::Notify::new(),
             counters: RelayCounters {
                 to_peer_bytes: metrics::counter!("switchboard_turn_relayed_bytes_total", "direction" => "client_to_peer"),
                 from_peer_bytes: metrics::counter!("switchboard_turn_relayed_bytes_total", "direction" => "peer_to_client"),
@@ -81,6 +109,60 @@ impl Shared {
                 from_peer_dropped: metrics::counter!("switchboard_turn_dropped_packets_total", "direction" => "peer_to_client"),
             },
         }
+    }
+
+    /// Milliseconds on a monotonic clock: the nonce schedule must agree with the crate's
+    /// `Instant`s, which wall-clock steps do not move.
+    pub fn mono_ms(&self) -> i64 {
+        self.epoch.elapsed().as_millis() as i64
+    }
+
+    /// The house nonce handed to clients (empty before the first one: `TurnServer::start`
+    /// waits for it).
+    pub fn current_nonce(&self) -> String {
+        let nonces = self.nonces.lock().expect("nonces lock");
+        nonces.current().unwrap_or_default().to_owned()
+    }
+
+    pub fn has_nonce(&self) -> bool {
+        self.nonces.lock().expect("nonces lock").current().is_some()
+    }
+
+    /// The probe due now, if any, as the datagram to hand to the crate; and when to ask again.
+    pub fn poll_probe(&self) -> (Option<Vec<u8>>, i64) {
+        let now = self.mono_ms();
+        let mut nonces = self.nonces.lock().expect("nonces lock");
+        let probe = nonces.poll_probe(now).map(|p| probe_request(&p));
+        (probe, nonces.poll_timeout().saturating_sub(now))
+    }
+
+    /// Leaves `datagram` for the next read loop iteration (the caller rings the doorbell so an
+    /// idle loop wakes up).
+    pub fn queue_probe(&self, datagram: Vec<u8>) {
+        *self.probe.lock().expect("probe lock") = Some(datagram);
+        self.probe_waiting.store(true, Ordering::Release);
+    }
+
+    fn take_probe(&self) -> Option<Vec<u8>> {
+        if !self.probe_waiting.load(Ordering::Acquire) {
+            return None;
+        }
+        self.probe_waiting.store(false, Ordering::Release);
+        self.probe.lock().expect("probe lock").take()
+    }
+
+    /// The crate's answer to a probe.
+    fn probe_answered(&self, data: &[u8]) {
+        let nonce = decode(data).and_then(|m| {
+            let mut n = TextAttribute::new(ATTR_NONCE, String::new());
+            n.get_from(&m).ok().map(|_| n.text)
+        });
+        let now = self.mono_ms();
+        self.nonces
+            .lock()
+            .expect("nonces lock")
+            .answered(nonce, now);
+        self.nonce_issued.notify_waiters();
     }
 
     pub fn key_for(&self, src: SocketAddr, username: &str) -> Option<Vec<u8>> {
@@ -144,42 +226,73 @@ enum Verdict {
 /// The listening socket, wrapped.
 pub struct GateConn {
     sock: Arc<UdpSocket>,
+    /// Cached: the crate asks for it on every ChannelData packet, and each ask would be a
+    /// `getsockname` system call (half a system call per relayed packet, in the profile).
+    local_addr: SocketAddr,
     shared: Arc<Shared>,
 }
 
 impl GateConn {
-    pub fn new(sock: Arc<UdpSocket>, shared: Arc<Shared>) -> Self {
-        Self { sock, shared }
+    pub fn new(sock: Arc<UdpSocket>, shared: Arc<Shared>) -> std::io::Result<Self> {
+        Ok(Self {
+            local_addr: sock.local_addr()?,
+            sock,
+            shared,
+        })
     }
 
     fn inspect(&self, data: &[u8], src: SocketAddr) -> Verdict {
         if !is_message(data) {
             return Verdict::Pass; // ChannelData
         }
-        let mut m = Message::new();
-        m.raw = data.to_vec();
-        if m.decode().is_err() || m.typ.class != CLASS_REQUEST {
+        let Some(m) = decode(data) else {
             return Verdict::Pass; // the crate drops what it cannot read
-        }
+        };
         let method = m.typ.method;
-        if ![
-            METHOD_ALLOCATE,
-            METHOD_REFRESH,
-            METHOD_CREATE_PERMISSION,
-            METHOD_CHANNEL_BIND,
-        ]
-        .contains(&method)
-            || !m.contains(ATTR_MESSAGE_INTEGRITY)
+        if m.typ.class != CLASS_REQUEST
+            || ![
+                METHOD_ALLOCATE,
+                METHOD_REFRESH,
+                METHOD_CREATE_PERMISSION,
+                METHOD_CHANNEL_BIND,
+            ]
+            .contains(&method)
         {
-            // Binding, Send indications, and first requests the crate challenges with a nonce.
-            return Verdict::Pass;
+            return Verdict::Pass; // Binding, Send indications
         }
-        let mut username = TextAttribute::new(ATTR_USERNAME, String::new());
-        let mut realm = TextAttribute::new(ATTR_REALM, String::new());
-        if username.get_from(&m).is_err() || realm.get_from(&m).is_err() {
-            return Verdict::Pass; // the crate answers 400
+        // RFC 8489 §9.2.4, in its order: no credentials -> 401 with a nonce; credentials
+        // without username, realm or nonce -> 400; a nonce we do not accept -> 438.
+        if !m.contains(ATTR_MESSAGE_INTEGRITY) {
+            return Verdict::Reply(self.error(
+                &m,
+                method,
+                CODE_UNAUTHORIZED,
+                "credentials required",
+                None,
+            ));
         }
-        let (username, realm) = (username.text, realm.text);
+        let text = |attr| {
+            let mut t = TextAttribute::new(attr, String::new());
+            t.get_from(&m).ok().map(|_| t.text)
+        };
+        let (Some(username), Some(realm), Some(nonce)) =
+            (text(ATTR_USERNAME), text(ATTR_REALM), text(ATTR_NONCE))
+        else {
+            return Verdict::Reply(self.error(
+                &m,
+                method,
+                CODE_BAD_REQUEST,
+                "username, realm and nonce required",
+                None,
+            ));
+        };
+        let accepted = {
+            let nonces = self.shared.nonces.lock().expect("nonces lock");
+            nonces.accepts(&nonce, self.shared.mono_ms())
+        };
+        if !accepted {
+            return Verdict::Reply(self.error(&m, method, CODE_STALE_NONCE, "stale nonce", None));
+        }
         let now = now_ms();
         let unauthorized = |reason: &str| {
             metrics::counter!("switchboard_turn_auth_failures_total", "reason" => reason.to_owned()).increment(1);
@@ -281,16 +394,16 @@ impl GateConn {
                 reason: reason.as_bytes().to_vec(),
             }),
         ];
-        if code == CODE_UNAUTHORIZED {
-            // Echo the client's nonce: a client that retries with the same bad credential gets
-            // the same answer; a new credential goes on to the server's own nonce check.
-            let mut nonce = TextAttribute::new(ATTR_NONCE, String::new());
-            let _ = nonce.get_from(req);
+        if code == CODE_UNAUTHORIZED || code == CODE_STALE_NONCE {
+            // The challenge: what the client needs to (re)compute its credentials.
             setters.push(Box::new(TextAttribute::new(
                 ATTR_REALM,
                 self.shared.realm.clone(),
             )));
-            setters.push(Box::new(nonce));
+            setters.push(Box::new(TextAttribute::new(
+                ATTR_NONCE,
+                self.shared.current_nonce(),
+            )));
         }
         if let Some(key) = key {
             setters.push(Box::new(MessageIntegrity(key)));
@@ -308,11 +421,9 @@ impl GateConn {
         if !is_message(data) {
             return;
         }
-        let mut m = Message::new();
-        m.raw = data.to_vec();
-        if m.decode().is_err() || m.typ.method != METHOD_ALLOCATE {
+        let Some(m) = decode(data).filter(|m| m.typ.method == METHOD_ALLOCATE) else {
             return;
-        }
+        };
         let mut policy = self.shared.policy.lock().expect("policy lock");
         if !policy.is_pending(&m.transaction_id.0) {
             return;
@@ -334,6 +445,27 @@ impl GateConn {
                 .increment(1);
         }
     }
+}
+
+fn decode(data: &[u8]) -> Option<Message> {
+    let mut m = Message::new();
+    m.raw = data.to_vec();
+    m.decode().ok().map(|_| m)
+}
+
+/// The synthetic Allocate request of a probe (see [`super::nonce`]): without credentials for a
+/// fresh nonce; with the expired nonce and a placeholder MESSAGE-INTEGRITY to retire one (the
+/// crate looks the nonce up before anything else and answers 438 with a new one).
+fn probe_request(probe: &Probe) -> Vec<u8> {
+    let mut m = Message::new();
+    m.transaction_id = TransactionId::new();
+    m.typ = MessageType::new(METHOD_ALLOCATE, CLASS_REQUEST);
+    m.write_header();
+    if let Probe::Retire(nonce) = probe {
+        m.add(ATTR_NONCE, nonce.as_bytes());
+        m.add(ATTR_MESSAGE_INTEGRITY, &[0; 20]);
+    }
+    m.raw
 }
 
 /// Every XOR-PEER-ADDRESS of a request.
@@ -367,7 +499,17 @@ impl Conn for GateConn {
 
     async fn recv_from(&self, buf: &mut [u8]) -> webrtc_util::Result<(usize, SocketAddr)> {
         loop {
+            if let Some(probe) = self.shared.take_probe() {
+                let n = probe.len().min(buf.len());
+                buf[..n].copy_from_slice(&probe[..n]);
+                return Ok((n, PROBE_SOURCE));
+            }
             let (n, src) = self.sock.recv_from(buf).await?;
+            if n == 0 {
+                // The doorbell that wakes this loop for a probe (an empty datagram means
+                // nothing in STUN or TURN, so nobody loses anything by it).
+                continue;
+            }
             match self.inspect(&buf[..n], src) {
                 Verdict::Pass => return Ok((n, src)),
                 Verdict::Reply(bytes) => {
@@ -384,12 +526,16 @@ impl Conn for GateConn {
     }
 
     async fn send_to(&self, buf: &[u8], target: SocketAddr) -> webrtc_util::Result<usize> {
+        if target == PROBE_SOURCE {
+            self.shared.probe_answered(buf);
+            return Ok(buf.len());
+        }
         self.observe_outbound(buf);
         Ok(self.sock.send_to(buf, target).await?)
     }
 
     fn local_addr(&self) -> webrtc_util::Result<SocketAddr> {
-        Ok(self.sock.local_addr()?)
+        Ok(self.local_addr)
     }
 
     fn remote_addr(&self) -> Option<SocketAddr> {

@@ -5,12 +5,14 @@
 
 pub mod filter;
 pub mod gate;
+pub mod nonce;
 pub mod policy;
 pub mod relay;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket as StdUdpSocket};
 use std::ops::RangeInclusive;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use serde_json::{json, Value};
@@ -41,6 +43,40 @@ fn detect_local_ip() -> IpAddr {
     probe().unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST))
 }
 
+/// How many sockets listen on the TURN port. The crate reads each listener in one sequential
+/// loop, which capped client-to-peer traffic at one core; with `SO_REUSEPORT` the kernel spreads
+/// clients over several sockets on the same port by a hash of their address, so a client always
+/// reaches the same loop, which keeps its allocations.
+fn listener_count() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get().min(8))
+}
+
+/// `count` UDP sockets sharing `addr` (its port resolved once, for port 0).
+fn bind_listeners(addr: SocketAddr, count: usize) -> std::io::Result<Vec<UdpSocket>> {
+    if addr.port() != 0 {
+        // SO_REUSEPORT would let a second instance share the port with this one and split its
+        // clients silently; a plain bind first makes it fail as "address in use" instead.
+        drop(StdUdpSocket::bind(addr)?);
+    }
+    let first = bind_reuseport(addr)?;
+    let addr = first.local_addr()?;
+    let mut socks = vec![first];
+    for _ in 1..count {
+        socks.push(bind_reuseport(addr)?);
+    }
+    Ok(socks)
+}
+
+fn bind_reuseport(addr: SocketAddr) -> std::io::Result<UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let sock = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    #[cfg(unix)]
+    sock.set_reuse_port(true)?;
+    sock.set_nonblocking(true)?;
+    sock.bind(&addr.into())?;
+    UdpSocket::from_std(sock.into())
+}
+
 /// A running TURN server.
 pub struct TurnServer {
     server: turn::server::Server,
@@ -51,6 +87,7 @@ pub struct TurnServer {
     pub own_ips: Vec<IpAddr>,
     pub relay_ports: RangeInclusive<u16>,
     closer: tokio::task::JoinHandle<()>,
+    nonce_schedule: tokio::task::JoinHandle<()>,
 }
 
 impl TurnServer {
@@ -64,10 +101,9 @@ impl TurnServer {
         })?;
         let ports =
             parse_port_range(&cfg.relay_ports).context("turn.relay_ports: expected `min-max`")?;
-        let sock = UdpSocket::bind(listen)
-            .await
+        let socks = bind_listeners(listen, listener_count())
             .with_context(|| format!("turn.listen_udp {listen}"))?;
-        let local_addr = sock.local_addr()?;
+        let local_addr = socks[0].local_addr()?;
         let advertised_ip: IpAddr = if !cfg.public_ip.is_empty() {
             cfg.public_ip.parse().context("turn.public_ip")?
         } else if listen.ip().is_unspecified() {
@@ -96,18 +132,21 @@ impl TurnServer {
             cfg.max_allocation_lifetime.as_millis() as i64,
         );
         let shared = Arc::new(Shared::new(cfg.realm.clone(), secrets, filter, policy));
-        let gate = Arc::new(GateConn::new(Arc::new(sock), shared.clone()));
-        let (close_tx, mut close_rx) = mpsc::channel(256);
-        let server = turn::server::Server::new(turn::server::config::ServerConfig {
-            conn_configs: vec![turn::server::config::ConnConfig {
-                conn: gate,
+        let mut conn_configs = Vec::with_capacity(socks.len());
+        for sock in socks {
+            conn_configs.push(turn::server::config::ConnConfig {
+                conn: Arc::new(GateConn::new(Arc::new(sock), shared.clone())?),
                 relay_addr_generator: Box::new(relay::Relays {
                     bind_ip,
                     advertised_ip,
                     ports: ports.clone(),
                     shared: shared.clone(),
                 }),
-            }],
+            });
+        }
+        let (close_tx, mut close_rx) = mpsc::channel(256);
+        let server = turn::server::Server::new(turn::server::config::ServerConfig {
+            conn_configs,
             realm: cfg.realm.clone(),
             auth_handler: Arc::new(AuthHandler(shared.clone())),
             channel_bind_timeout: std::time::Duration::ZERO,
@@ -121,6 +160,19 @@ impl TurnServer {
                 closer_shared.allocation_closed(info.five_tuple.src_addr);
             }
         });
+        let nonce_schedule = tokio::spawn(run_nonce_schedule(shared.clone(), local_addr).await?);
+        // The gate challenges clients with the crate's nonce: have one before serving.
+        tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                let issued = shared.nonce_issued.notified();
+                if shared.has_nonce() {
+                    return;
+                }
+                issued.await;
+            }
+        })
+        .await
+        .context("the TURN server did not issue a nonce")?;
         tracing::info!(addr = %local_addr, relay_ip = %advertised_ip, "turn listening (udp)");
         Ok(TurnServer {
             server,
@@ -130,6 +182,7 @@ impl TurnServer {
             own_ips,
             relay_ports: ports,
             closer,
+            nonce_schedule,
         })
     }
 
@@ -139,7 +192,49 @@ impl TurnServer {
             tracing::warn!(error = %e, "turn server close");
         }
         self.closer.abort();
+        self.nonce_schedule.abort();
     }
+}
+
+/// The task that keeps the gate's house nonces fresh ([`nonce`]): it leaves each probe the
+/// schedule asks for with the gate and rings a doorbell, an empty datagram to the listener, so
+/// that a read loop waiting on an idle socket picks the probe up.
+async fn run_nonce_schedule(
+    shared: Arc<Shared>,
+    listener: SocketAddr,
+) -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    let (bell_from, bell_to): (SocketAddr, SocketAddr) = match listener {
+        SocketAddr::V4(a) if a.ip().is_unspecified() => (
+            ([0, 0, 0, 0], 0).into(),
+            (Ipv4Addr::LOCALHOST, a.port()).into(),
+        ),
+        SocketAddr::V6(a) if a.ip().is_unspecified() => (
+            ([0u16; 8], 0).into(),
+            (std::net::Ipv6Addr::LOCALHOST, a.port()).into(),
+        ),
+        SocketAddr::V4(_) => (([0, 0, 0, 0], 0).into(), listener),
+        SocketAddr::V6(_) => (([0u16; 8], 0).into(), listener),
+    };
+    let doorbell = UdpSocket::bind(bell_from)
+        .await
+        .context("turn: the doorbell socket")?;
+    Ok(async move {
+        loop {
+            let issued = shared.nonce_issued.notified();
+            let (probe, wait_ms) = shared.poll_probe();
+            if let Some(datagram) = probe {
+                shared.queue_probe(datagram);
+                if let Err(e) = doorbell.send_to(&[], bell_to).await {
+                    tracing::warn!(error = %e, "turn: cannot ring the nonce doorbell");
+                }
+            }
+            let wait = Duration::from_millis(wait_ms.clamp(10, 60_000) as u64);
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = issued => {}
+            }
+        }
+    })
 }
 
 /// What browsers need to reach the TURN server (PROTOCOL §4).

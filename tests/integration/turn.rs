@@ -578,3 +578,116 @@ async fn readiness_includes_the_turn_listener() {
     );
     s.stop().await;
 }
+
+/// One raw STUN request from `sock` and the answer to it.
+async fn stun_request(sock: &UdpSocket, server: SocketAddr, attrs: &[&dyn Setter]) -> Message {
+    let mut m = Message::new();
+    m.transaction_id = stun::agent::TransactionId::new();
+    m.typ = stun::message::MessageType::new(stun::message::METHOD_ALLOCATE, CLASS_REQUEST);
+    m.write_header();
+    for a in attrs {
+        a.add_to(&mut m).unwrap();
+    }
+    sock.send_to(&m.raw, server).await.unwrap();
+    let mut buf = vec![0u8; 1500];
+    loop {
+        let (n, _) = tokio::time::timeout(Duration::from_secs(2), sock.recv_from(&mut buf))
+            .await
+            .expect("an answer")
+            .unwrap();
+        let mut res = Message::new();
+        res.raw = buf[..n].to_vec();
+        res.decode().unwrap();
+        if res.transaction_id == m.transaction_id {
+            return res;
+        }
+    }
+}
+
+fn text_attr(m: &Message, attr: stun::attributes::AttrType) -> Option<String> {
+    let mut t = stun::textattrs::TextAttribute::new(attr, String::new());
+    t.get_from(m).ok().map(|_| t.text)
+}
+
+fn code_of(m: &Message) -> Option<u16> {
+    let mut code = stun::error_code::ErrorCodeAttribute::default();
+    code.get_from(m).ok().map(|_| code.code.0)
+}
+
+/// The gate answers nonce challenges itself with one house nonce, so a flood of requests
+/// without credentials (from any number of source ports) leaves no nonce behind in the crate;
+/// RFC 8489 §9.2.4's order of 401, 400 and 438 holds, and the house nonce allocates.
+#[tokio::test]
+async fn nonce_challenges_share_one_house_nonce_and_follow_the_rfc_order() {
+    use stun::attributes::{ATTR_NONCE, ATTR_REALM, ATTR_USERNAME};
+    use stun::textattrs::TextAttribute;
+    let s = TestServer::start_with(turn_config).await;
+    let server = s.turn_addr().unwrap();
+    let u = s.register("alice").await;
+    let transport = turn::proto::reqtrans::RequestedTransport {
+        protocol: turn::proto::PROTO_UDP,
+    };
+    // No credentials: 401 with realm and nonce, the same nonce for every client.
+    let mut nonces = std::collections::HashSet::new();
+    for _ in 0..200 {
+        let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let res = stun_request(&sock, server, &[&transport]).await;
+        assert_eq!(res.typ.class, CLASS_ERROR_RESPONSE);
+        assert_eq!(code_of(&res), Some(401));
+        assert_eq!(text_attr(&res, ATTR_REALM).as_deref(), Some("switchboard"));
+        nonces.insert(text_attr(&res, ATTR_NONCE).expect("a nonce"));
+    }
+    assert_eq!(nonces.len(), 1, "one house nonce: {nonces:?}");
+    let house = nonces.into_iter().next().unwrap();
+
+    let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let (user, pass) = rest_credentials(&s, &u).await;
+    let integrity = stun::integrity::MessageIntegrity::new_long_term_integrity(
+        user.clone(),
+        "switchboard".into(),
+        pass,
+    );
+    let username = TextAttribute::new(ATTR_USERNAME, user);
+    let realm = TextAttribute::new(ATTR_REALM, "switchboard".into());
+    // Credentials without a nonce: 400.
+    let res = stun_request(&sock, server, &[&transport, &username, &realm, &integrity]).await;
+    assert_eq!(code_of(&res), Some(400));
+    // A nonce the gate never gave out: 438 with the house nonce.
+    let bogus = TextAttribute::new(ATTR_NONCE, "not-a-nonce-of-ours".into());
+    let res = stun_request(
+        &sock,
+        server,
+        &[&transport, &username, &realm, &bogus, &integrity],
+    )
+    .await;
+    assert_eq!(code_of(&res), Some(438));
+    assert_eq!(text_attr(&res, ATTR_NONCE).as_deref(), Some(house.as_str()));
+    // The house nonce with good credentials allocates, integrity-protected.
+    let nonce = TextAttribute::new(ATTR_NONCE, house.clone());
+    let res = stun_request(
+        &sock,
+        server,
+        &[&transport, &username, &realm, &nonce, &integrity],
+    )
+    .await;
+    assert_eq!(res.typ.class, CLASS_SUCCESS_RESPONSE, "{:?}", code_of(&res));
+    integrity
+        .check(&mut res.clone())
+        .expect("the success response is signed");
+    // A wrong password with the house nonce: 401 that again carries the house nonce.
+    let wrong = stun::integrity::MessageIntegrity::new_long_term_integrity(
+        username.text.clone(),
+        "switchboard".into(),
+        "wrong".into(),
+    );
+    let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let res = stun_request(
+        &sock,
+        server,
+        &[&transport, &username, &realm, &nonce, &wrong],
+    )
+    .await;
+    assert_eq!(code_of(&res), Some(401));
+    assert_eq!(text_attr(&res, ATTR_NONCE).as_deref(), Some(house.as_str()));
+    s.stop().await;
+}
