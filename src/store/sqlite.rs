@@ -1,6 +1,12 @@
 //! SQLite backend: WAL journal, `synchronous = FULL` (a committed message survives power loss,
 //! not only a process crash), one writer connection (SQLite serialises writers anyway; one
 //! connection avoids busy-retry storms) and a small pool of readers.
+//!
+//! Group commit: messages and cursor moves, the writes of the hot path, go through one task
+//! that takes every job queued while the previous transaction committed and writes them in one
+//! transaction, so one fsync serves many messages and nothing waits for a timer. Each job's
+//! caller hears back only after that commit. If any job of a group fails, the group is rolled
+//! back and each job runs again in a transaction of its own, so one bad job fails alone.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -13,14 +19,115 @@ use sqlx::sqlite::{
     SqliteSynchronous,
 };
 use sqlx::{Row, Sqlite, Transaction};
+use tokio::sync::{mpsc, oneshot};
 
 use super::*;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 
+/// Jobs waiting for a group commit before callers wait to queue theirs.
+const COMMIT_QUEUE: usize = 4096;
+/// Jobs in one transaction at most: bounds what one commit adds to its first job's latency.
+const MAX_GROUP: usize = 256;
+
 pub struct SqliteStore {
     writer: SqlitePool,
     reader: SqlitePool,
+    jobs: mpsc::Sender<Job>,
+}
+
+/// A write that waits for the next group commit, and where its result goes.
+enum Job {
+    Insert(
+        Vec<NewMessage>,
+        oneshot::Sender<StoreResult<Vec<(MessageRecord, bool)>>>,
+    ),
+    Cursors(
+        Vec<CursorUpdate>,
+        oneshot::Sender<StoreResult<Vec<StatusChange>>>,
+    ),
+}
+
+/// What a job wrote.
+enum Done {
+    Inserted(Vec<(MessageRecord, bool)>),
+    Moved(Vec<StatusChange>),
+}
+
+impl Job {
+    async fn run(&self, tx: &mut Transaction<'_, Sqlite>) -> StoreResult<Done> {
+        match self {
+            Job::Insert(msgs, _) => {
+                let mut out = Vec::with_capacity(msgs.len());
+                for msg in msgs {
+                    out.push(SqliteStore::insert_one(tx, msg).await?);
+                }
+                Ok(Done::Inserted(out))
+            }
+            Job::Cursors(updates, _) => {
+                Ok(Done::Moved(SqliteStore::advance_in(tx, updates).await?))
+            }
+        }
+    }
+
+    fn reply(self, result: StoreResult<Done>) {
+        // A caller that went away (its connection closed) no longer needs the answer; what
+        // it asked for is committed all the same.
+        match self {
+            Job::Insert(_, reply) => {
+                let _ = reply.send(result.map(|d| match d {
+                    Done::Inserted(v) => v,
+                    Done::Moved(_) => unreachable!("an insert job inserts"),
+                }));
+            }
+            Job::Cursors(_, reply) => {
+                let _ = reply.send(result.map(|d| match d {
+                    Done::Moved(v) => v,
+                    Done::Inserted(_) => unreachable!("a cursor job moves cursors"),
+                }));
+            }
+        }
+    }
+}
+
+/// Runs `jobs` in one transaction; all or nothing.
+async fn commit_group(writer: &SqlitePool, jobs: &[Job]) -> StoreResult<Vec<Done>> {
+    let mut tx = writer.begin().await?;
+    let mut out = Vec::with_capacity(jobs.len());
+    for job in jobs {
+        out.push(job.run(&mut tx).await?);
+    }
+    tx.commit().await?;
+    Ok(out)
+}
+
+/// The group-commit task: runs until the store is dropped.
+async fn run_committer(writer: SqlitePool, mut rx: mpsc::Receiver<Job>) {
+    let mut group = Vec::with_capacity(MAX_GROUP);
+    while rx.recv_many(&mut group, MAX_GROUP).await > 0 {
+        metrics::histogram!("switchboard_store_group_commit_jobs").record(group.len() as f64);
+        let jobs: Vec<Job> = std::mem::take(&mut group);
+        match commit_group(&writer, &jobs).await {
+            Ok(done) => {
+                for (job, d) in jobs.into_iter().zip(done) {
+                    job.reply(Ok(d));
+                }
+            }
+            Err(e) if jobs.len() == 1 => {
+                if let Some(job) = jobs.into_iter().next() {
+                    job.reply(Err(e));
+                }
+            }
+            Err(_) => {
+                for job in jobs {
+                    let result = commit_group(&writer, std::slice::from_ref(&job))
+                        .await
+                        .map(|mut d| d.remove(0));
+                    job.reply(result);
+                }
+            }
+        }
+    }
 }
 
 const MESSAGE_COLUMNS: &str = "id, chat_id, seq, sender_id, content, client_msg_id, created_at, \
@@ -45,7 +152,20 @@ impl SqliteStore {
             .max_connections(4)
             .connect_with(options.read_only(true))
             .await?;
-        Ok(Self { writer, reader })
+        let (jobs, rx) = mpsc::channel(COMMIT_QUEUE);
+        tokio::spawn(run_committer(writer.clone(), rx));
+        Ok(Self {
+            writer,
+            reader,
+            jobs,
+        })
+    }
+
+    /// Queues `job` for the next group commit; `rx` then gets its result.
+    async fn submit<T>(&self, job: Job, rx: oneshot::Receiver<StoreResult<T>>) -> StoreResult<T> {
+        let closed = || StoreError::Database(sqlx::Error::PoolClosed);
+        self.jobs.send(job).await.map_err(|_| closed())?;
+        rx.await.map_err(|_| closed())?
     }
 
     /// Closes both pools, waiting for in-flight queries.
@@ -102,7 +222,7 @@ impl SqliteStore {
     /// One message in the transaction: dedupe, take the next seq, insert.
     async fn insert_one(
         tx: &mut Transaction<'_, Sqlite>,
-        msg: NewMessage,
+        msg: &NewMessage,
     ) -> StoreResult<(MessageRecord, bool)> {
         if let Some(cid) = &msg.client_msg_id {
             let existing = sqlx::query(&format!(
@@ -143,16 +263,16 @@ impl SqliteStore {
         .await?;
         Ok((
             MessageRecord {
-                id: msg.id,
-                chat_id: msg.chat_id,
+                id: msg.id.clone(),
+                chat_id: msg.chat_id.clone(),
                 seq,
-                sender_id: msg.sender_id,
-                content: msg.content,
-                client_msg_id: msg.client_msg_id,
+                sender_id: msg.sender_id.clone(),
+                content: msg.content.clone(),
+                client_msg_id: msg.client_msg_id.clone(),
                 created_at: msg.created_at,
                 pinned: false,
-                forwarded_from: msg.forwarded_from,
-                call: msg.call,
+                forwarded_from: msg.forwarded_from.clone(),
+                call: msg.call.clone(),
             },
             true,
         ))
@@ -533,13 +653,8 @@ impl Store for SqliteStore {
         &self,
         msgs: Vec<NewMessage>,
     ) -> StoreResult<Vec<(MessageRecord, bool)>> {
-        let mut tx = self.writer.begin().await?;
-        let mut out = Vec::with_capacity(msgs.len());
-        for msg in msgs {
-            out.push(Self::insert_one(&mut tx, msg).await?);
-        }
-        tx.commit().await?;
-        Ok(out)
+        let (reply, rx) = oneshot::channel();
+        self.submit(Job::Insert(msgs, reply), rx).await
     }
 
     async fn message(&self, id: &str) -> StoreResult<MessageRecord> {
@@ -640,18 +755,28 @@ impl Store for SqliteStore {
         .bind(&call.end_reason)
         .execute(&mut *tx)
         .await?;
-        let (record, _) = Self::insert_one(&mut tx, message).await?;
+        let (record, _) = Self::insert_one(&mut tx, &message).await?;
         tx.commit().await?;
         Ok(record)
     }
 
     async fn advance_cursors(&self, updates: Vec<CursorUpdate>) -> StoreResult<Vec<StatusChange>> {
-        let mut tx = self.writer.begin().await?;
+        let (reply, rx) = oneshot::channel();
+        self.submit(Job::Cursors(updates, reply), rx).await
+    }
+}
+
+impl SqliteStore {
+    /// [`Store::advance_cursors`] inside `tx`.
+    async fn advance_in(
+        tx: &mut Transaction<'_, Sqlite>,
+        updates: &[CursorUpdate],
+    ) -> StoreResult<Vec<StatusChange>> {
         let mut members_cache: HashMap<String, Vec<Member>> = HashMap::new();
         let mut changes: Vec<StatusChange> = Vec::new();
-        for u in updates {
+        for u in updates.iter() {
             if !members_cache.contains_key(&u.chat_id) {
-                let m = Self::members_in(&mut *tx, &u.chat_id).await?;
+                let m = Self::members_in(&mut **tx, &u.chat_id).await?;
                 members_cache.insert(u.chat_id.clone(), m);
             }
             let members = members_cache.get_mut(&u.chat_id).expect("inserted above");
@@ -675,7 +800,7 @@ impl Store for SqliteStore {
             .bind(me.read_seq)
             .bind(&u.chat_id)
             .bind(&u.user_id)
-            .execute(&mut *tx)
+            .execute(&mut **tx)
             .await?;
             let after = members.clone();
             for sender in after.iter().filter(|m| m.user_id != u.user_id) {
@@ -688,8 +813,7 @@ impl Store for SqliteStore {
 
                 if nr > or {
                     if let Some((id, seq)) =
-                        Self::highest_of_sender(&mut tx, &u.chat_id, &sender.user_id, or, nr)
-                            .await?
+                        Self::highest_of_sender(tx, &u.chat_id, &sender.user_id, or, nr).await?
                     {
                         changes.push(StatusChange {
                             sender_id: sender.user_id.clone(),
@@ -703,8 +827,7 @@ impl Store for SqliteStore {
                 let low = od.max(nr);
                 if nd > low {
                     if let Some((id, seq)) =
-                        Self::highest_of_sender(&mut tx, &u.chat_id, &sender.user_id, low, nd)
-                            .await?
+                        Self::highest_of_sender(tx, &u.chat_id, &sender.user_id, low, nd).await?
                     {
                         changes.push(StatusChange {
                             sender_id: sender.user_id.clone(),
@@ -717,7 +840,6 @@ impl Store for SqliteStore {
                 }
             }
         }
-        tx.commit().await?;
         Ok(changes)
     }
 }
@@ -742,4 +864,140 @@ pub async fn backup(src: &Path, dest: &Path) -> StoreResult<()> {
         .await?;
     pool.close().await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+
+    async fn store() -> (tempfile::TempDir, Arc<SqliteStore>) {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SqliteStore::open(&dir.path().join("db.sqlite"))
+            .await
+            .unwrap();
+        (dir, Arc::new(s))
+    }
+
+    async fn user(s: &SqliteStore, name: &str) -> String {
+        s.create_user(NewUser {
+            id: format!("u-{name}"),
+            username: name.into(),
+            display_name: name.into(),
+            password_hash: None,
+            external_sub: None,
+            created_at: 0,
+        })
+        .await
+        .unwrap()
+        .id
+    }
+
+    fn msg(chat: &str, sender: &str, content: String, cid: Option<String>) -> NewMessage {
+        NewMessage {
+            id: uuid::Uuid::now_v7().to_string(),
+            chat_id: chat.into(),
+            sender_id: sender.into(),
+            content,
+            client_msg_id: cid,
+            forwarded_from: None,
+            call: None,
+            created_at: 0,
+        }
+    }
+
+    /// Many concurrent writers share group commits: every message lands once, with gap-free
+    /// seqs per chat, and each caller gets back its own message. A job that fails inside a
+    /// group (a chat that does not exist) fails alone; the others commit.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn group_commit_keeps_seqs_gap_free_and_isolates_a_failing_job() {
+        let (_dir, s) = store().await;
+        let (a, b) = (user(&s, "a").await, user(&s, "b").await);
+        let mut chats = Vec::new();
+        for i in 0..4 {
+            let (chat, _) = s
+                .create_chat(NewChat {
+                    id: format!("c{i}"),
+                    kind: ChatKind::Group,
+                    title: None,
+                    participant_ids: vec![a.clone(), b.clone()],
+                    created_at: 0,
+                })
+                .await
+                .unwrap();
+            chats.push(chat.id);
+        }
+        let mut tasks = Vec::new();
+        for w in 0..40 {
+            let (s, chat, a) = (s.clone(), chats[w % 4].clone(), a.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut got = Vec::new();
+                for i in 0..25 {
+                    let content = format!("w{w} m{i}");
+                    let cid = Some(format!("w{w}-{i}"));
+                    if i == 10 {
+                        // A job bound to fail, in the middle of everyone else's groups.
+                        let bad =
+                            s.insert_messages(vec![msg("no-such-chat", &a, "x".into(), None)]);
+                        assert!(matches!(bad.await, Err(StoreError::NotFound)));
+                    }
+                    let mut out = s
+                        .insert_messages(vec![msg(&chat, &a, content.clone(), cid)])
+                        .await
+                        .unwrap();
+                    let (record, created) = out.pop().unwrap();
+                    assert!(created);
+                    assert_eq!(record.content, content, "each caller gets its own message");
+                    got.push(record);
+                }
+                got
+            }));
+        }
+        let mut total = 0;
+        for t in tasks {
+            total += t.await.unwrap().len();
+        }
+        assert_eq!(total, 1000);
+        for chat in &chats {
+            let (all, _) = s
+                .messages(
+                    chat,
+                    Page::After {
+                        seq: 0,
+                        limit: 1000,
+                    },
+                )
+                .await
+                .unwrap();
+            let seqs: Vec<i64> = all.iter().map(|m| m.seq).collect();
+            assert_eq!(seqs, (1..=250).collect::<Vec<i64>>(), "{chat}: gap-free");
+        }
+        // A retry of an acknowledged message is answered from the store, not inserted again.
+        let mut again = s
+            .insert_messages(vec![msg(
+                &chats[0],
+                &a,
+                "w0 m0".into(),
+                Some("w0-0".into()),
+            )])
+            .await
+            .unwrap();
+        assert!(!again.pop().unwrap().1);
+        // Cursor moves share the same commits and report status changes.
+        let changes = s
+            .advance_cursors(vec![CursorUpdate {
+                chat_id: chats[0].clone(),
+                user_id: b.clone(),
+                kind: CursorKind::Read,
+                seq: 250,
+            }])
+            .await
+            .unwrap();
+        assert_eq!(changes.len(), 1);
+        assert_eq!(
+            (changes[0].seq, changes[0].status),
+            (250, MessageStatus::Read)
+        );
+    }
 }
