@@ -121,6 +121,17 @@ if [ "$NODE_TESTS" = 1 ]; then
     node --test --test-timeout=180000 "${files[@]}"
 fi
 
+# The benchmarks plot with matplotlib (PyPI).
+if command -v python3 >/dev/null && ! python3 -c 'import matplotlib' 2>/dev/null; then
+    if can_install; then
+        say "installing matplotlib (benchmark plots)"
+        python3 -m pip install --quiet matplotlib || true
+    fi
+    if ! python3 -c 'import matplotlib' 2>/dev/null; then
+        SKIPPED+=("benchmark plots in the smoke runs (matplotlib missing: pip install matplotlib)")
+    fi
+fi
+
 # Benchmarks are not pass/fail, but each runs once in a tiny mode so it cannot rot.
 if command -v turnserver >/dev/null && command -v python3 >/dev/null; then
     say "benchmark smoke run: scripts/bench/turn.sh --smoke"

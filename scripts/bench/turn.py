@@ -1,24 +1,36 @@
 #!/usr/bin/env python3
 """TURN relay benchmark: coturn (Debian `coturn`) and Switchboard's embedded TURN server, side by
-side on this machine, driven by the same client (`turnutils_uclient`) against the same echo peer
-(`turnutils_peer`), in interleaved rounds (coturn, ours, coturn, ...), the first round after each
-start discarded. Both use the TURN REST API secret (`-W`), loopback, and comparable relay ranges
+side on this machine, in interleaved rounds (coturn, ours, coturn, ...), the first round after
+each start discarded. Both use the TURN REST API secret, loopback, and comparable relay ranges
 (coturn 20000-29999, ours 30000-39999, outside the kernel's ephemeral range).
 
+Two clients drive both servers the same way:
+- coturn's `turnutils_uclient` with a `turnutils_peer` echo peer, for the classic figures;
+- `turn-load` (src/bin/turn-load.rs, plain UDP sockets and the `stun` crate, one thread per
+  worker), for what uclient cannot do: paced load with a loss criterion, allocations held open,
+  floods of unauthenticated requests.
+
 Reported (medians over the kept rounds, and the ratio ours/coturn):
-  cpu_us_per_pkt   server CPU time (utime+stime from /proc/PID/stat) per relayed packet at a
-                   fixed offered load (client -> peer and back = 2 relayed packets per echo)
-  echo_loss_pct    share of echoes lost at that load
-  c2c_msgs_per_s   client-to-client through two allocations (-y), messages received per second
-  mbit_per_s       payload throughput with 1000-byte packets
-  send_ind_cpu_us  CPU per relayed packet on the Send-indication path (-s)
+  cpu_us_per_pkt    server CPU time (utime+stime, /proc/PID/stat) per relayed packet at a fixed
+                    offered load, channels (client -> peer and back = 2 relayed packets per echo)
+  send_ind_cpu_us   the same on the Send-indication path (-s)
+  c2c_msgs_per_s    client to client through two allocations (uclient -y -m 8), messages/s
+  mbit_per_s        payload throughput with 1000-byte packets
+  sat_pps           saturation: the highest paced client-to-client rate (turn-load, 4 pairs)
+                    delivered with at most 1 % loss, over a sweep of offered rates
+  lat_p50/p99_us    one-way client-to-client latency at a moderate paced load
+  kb_per_alloc      server RSS growth per allocation, 2000 allocations held open
+  allocs_per_s      allocations per second (32 at a time)
+  flood_mb          server RSS growth after N unauthenticated Allocate requests from 1000 ports
+  flood_per_s       rate at which those were answered
 
-Not yet measured (issue 7 follow-up): saturation with a loss criterion, RSS per allocation and
-allocations per second with a Rust client, RSS growth under unauthenticated Allocate floods, and
-the TCP client leg (no TURN over TCP yet).
+The TCP client leg (-t) is not measured: Switchboard's TURN listens on UDP only.
 
---smoke: one tiny round each, to keep the script from rotting (scripts/test.sh runs it).
---write-docs: rewrite the TURN section of docs/benchmarks.md with the table.
+--smoke: one tiny round each without warm-up, plot to a temp dir (scripts/test.sh runs it so
+         it cannot rot).
+--write-docs: rewrite the TURN sections of docs/benchmarks.md, its plot, and the README line.
+--profile: one extra pass per server under perf and strace; with --write-docs, the profile
+           section of docs/benchmarks.md.
 """
 import argparse
 import os
@@ -26,7 +38,6 @@ import re
 import shutil
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -36,7 +47,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import report  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = report.ROOT
 SECRET = "bench-secret"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -52,6 +63,13 @@ def free_udp_port():
 def cpu_seconds(pid):
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
+
+
+def rss_kb(pid):
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
 
 
 def wait_udp(port, timeout=15):
@@ -71,15 +89,20 @@ def wait_udp(port, timeout=15):
 
 
 class Server:
-    def __init__(self, name, cmd, env=None):
+    def __init__(self, name, cmd, port, env=None):
         self.name = name
         self.cmd = cmd
+        self.port = port
         self.env = env
         self.proc = None
 
-    def start(self, port):
+    @property
+    def pid(self):
+        return self.proc.pid
+
+    def start(self):
         self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_udp(port)
+        wait_udp(self.port)
 
     def stop(self):
         if self.proc and self.proc.poll() is None:
@@ -104,43 +127,136 @@ def uclient(port, peer_port, args):
     recv = int(re.search(r"tot_recv_msgs=(\d+)", totals[-1]).group(1))
     m = re.search(r"Total transmit time is (\d+)", text)
     transmit = int(m.group(1)) if m else elapsed
-    return sent, recv, max(transmit, 1e-3), elapsed
+    return sent, recv, max(transmit, 1e-3)
 
 
-def measure(server, port, peer_port, load):
-    """One round of every workload against a running server: a dict of figures."""
-    pid = server.proc.pid
+def turn_load(load_bin, workload, port, on_ready=None, **kw):
+    """Runs one turn-load workload; `on_ready` runs when it prints READY (allocations held)."""
+    cmd = [str(load_bin), workload, "--server", f"127.0.0.1:{port}", "--secret", SECRET]
+    for k, v in kw.items():
+        cmd += [f"--{k}", str(v)]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    result = None
+    for line in p.stdout:
+        if line.startswith("RESULT "):
+            result = {k: float(v) if re.fullmatch(r"-?[\d.]+|nan", v) else v for k, v in (kv.split("=", 1) for kv in line.split()[1:])}
+        if line.startswith("READY") and on_ready:
+            on_ready()
+    err = p.stderr.read()
+    if p.wait() != 0 or result is None:
+        raise RuntimeError(f"turn-load {workload} failed: {err[-1500:]}")
+    return result
+
+
+def sweep(load_bin, port, rates, seconds):
+    """Paced client-to-client relay at each offered rate: one dict per rate."""
+    return [turn_load(load_bin, "relay", port, pairs=4, rate=r, seconds=seconds) for r in rates]
+
+
+def measure(server, peer_port, load_bin, load):
+    """One round of every workload against a running server: a dict of figures, and the sweep."""
+    pid, port = server.pid, server.port
     r = {}
-    # 1. CPU per relayed packet at a fixed offered load (echo through a peer).
-    c0 = cpu_seconds(pid)
-    sent, recv, _, _ = uclient(port, peer_port, ["-m", str(load["m"]), "-n", str(load["n"]), "-l", "100", "-z", str(load["z"])])
-    c1 = cpu_seconds(pid)
-    relayed = sent + recv
-    r["cpu_us_per_pkt"] = (c1 - c0) * 1e6 / max(relayed, 1)
-    r["echo_loss_pct"] = 100.0 * (sent - recv) / max(sent, 1)
-    # 2. Client to client through two allocations on the same server.
-    sent, recv, t, _ = uclient(port, peer_port, ["-y", "-m", str(load["m"]), "-n", str(load["n"]), "-l", "100", "-z", "0"])
+    # Fixed offered load through an echo peer: CPU per relayed packet, channels then Send.
+    for key, extra in [("cpu_us_per_pkt", []), ("send_ind_cpu_us", ["-s"])]:
+        c0 = cpu_seconds(pid)
+        sent, recv, _ = uclient(port, peer_port, extra + ["-m", str(load["m"]), "-n", str(load["n"]), "-l", "100", "-z", "0"])
+        r[key] = (cpu_seconds(pid) - c0) * 1e6 / max(sent + recv, 1)
+        if not extra:
+            r["echo_loss_pct"] = 100.0 * (sent - recv) / max(sent, 1)
+    sent, recv, t = uclient(port, peer_port, ["-y", "-m", str(load["c2c_m"]), "-n", str(load["n"]), "-l", "100", "-z", "0"])
     r["c2c_msgs_per_s"] = recv / t
     r["c2c_loss_pct"] = 100.0 * (sent - recv) / max(sent, 1)
-    # 3. Payload throughput with 1000-byte packets.
-    sent, recv, t, _ = uclient(port, peer_port, ["-m", str(load["m"]), "-n", str(load["n_big"]), "-l", "1000", "-z", "0"])
+    sent, recv, t = uclient(port, peer_port, ["-m", str(load["m"]), "-n", str(load["n_big"]), "-l", "1000", "-z", "0"])
     r["mbit_per_s"] = recv * 1000 * 8 / t / 1e6
-    # 4. Send indications instead of channels.
-    c0 = cpu_seconds(pid)
-    sent, recv, _, _ = uclient(port, peer_port, ["-s", "-m", str(load["m"]), "-n", str(load["n"]), "-l", "100", "-z", str(load["z"])])
-    c1 = cpu_seconds(pid)
-    r["send_ind_cpu_us"] = (c1 - c0) * 1e6 / max(sent + recv, 1)
-    return r
+    # Saturation with a loss criterion, and latency at a moderate load.
+    points = sweep(load_bin, port, load["rates"], load["seconds"])
+    ok = [p["delivered_pps"] for p in points if p["loss_pct"] <= 1.0]
+    r["sat_pps"] = max(ok) if ok else 0.0
+    lat = turn_load(load_bin, "relay", port, pairs=4, rate=load["lat_rate"], seconds=load["seconds"])
+    r["lat_p50_us"], r["lat_p99_us"] = lat["p50_us"], lat["p99_us"]
+    # Memory per allocation held open, and allocation rate.
+    before = rss_kb(pid)
+    held = {}
+    a = turn_load(load_bin, "allocs", port, on_ready=lambda: (time.sleep(1), held.update(rss=rss_kb(pid))), count=load["allocs"], concurrency=32, hold=1)
+    if a["failed"]:
+        raise RuntimeError(f"{server.name}: {a['failed']:.0f} allocations failed")
+    r["kb_per_alloc"] = (held["rss"] - before) / load["allocs"]
+    r["allocs_per_s"] = a["allocs_per_s"]
+    # A flood of unauthenticated Allocate requests from many source ports.
+    before = rss_kb(pid)
+    f = turn_load(load_bin, "flood", port, requests=load["flood"], sockets=1000, threads=16)
+    time.sleep(1)
+    r["flood_mb"] = (rss_kb(pid) - before) / 1024
+    r["flood_per_s"] = f["per_s"]
+    return r, points
 
 
 METRICS = [
     ("cpu_us_per_pkt", "server CPU per relayed packet (µs), 100 B, channels", "lower"),
+    ("send_ind_cpu_us", "server CPU per relayed packet (µs), Send indications", "lower"),
     ("echo_loss_pct", "echo loss at that load (%)", "lower"),
-    ("c2c_msgs_per_s", "client-to-client messages/s (-y)", "higher"),
+    ("c2c_msgs_per_s", "client-to-client messages/s (uclient -y -m 8)", "higher"),
     ("c2c_loss_pct", "client-to-client loss (%)", "lower"),
     ("mbit_per_s", "payload Mbit/s, 1000 B packets", "higher"),
-    ("send_ind_cpu_us", "server CPU per relayed packet (µs), Send indications", "lower"),
+    ("sat_pps", "saturation: client-to-client packets/s at ≤ 1 % loss (turn-load)", "higher"),
+    ("lat_p50_us", "one-way latency p50 (µs) at {lat_rate} packets/s", "lower"),
+    ("lat_p99_us", "one-way latency p99 (µs) at {lat_rate} packets/s", "lower"),
+    ("kb_per_alloc", "server memory per allocation (kB), {allocs} held", "lower"),
+    ("allocs_per_s", "allocations per second", "higher"),
+    ("flood_mb", "RSS growth (MB) after {flood} unauthenticated Allocates", "lower"),
+    ("flood_per_s", "  those answered per second", "higher"),
 ]
+
+
+def plot(curves, path, rates, required):
+    """Delivered rate, loss and latency against the offered rate, one line per server."""
+    plt = report.pyplot(required)
+    if plt is None:
+        return
+    fig, ax = plt.subplots(1, 3, figsize=(15, 4.2))
+    for name, marker, color in [("coturn", "o", "tab:blue"), ("switchboard", "s", "tab:orange")]:
+        pts = curves[name]
+        ax[0].plot(rates, [p["delivered_pps"] for p in pts], marker=marker, color=color, label=name)
+        ax[1].plot(rates, [p["loss_pct"] for p in pts], marker=marker, color=color, label=name)
+        ax[2].plot(rates, [p["p50_us"] / 1000 for p in pts], marker=marker, color=color, label=f"{name} p50")
+        ax[2].plot(rates, [p["p99_us"] / 1000 for p in pts], marker=marker, color=color, linestyle="--", label=f"{name} p99")
+    ax[0].plot(rates, rates, "k:", label="offered")
+    ax[0].set(title="delivered vs offered", xlabel="offered packets/s", ylabel="delivered packets/s")
+    ax[1].axhline(1.0, color="grey", linestyle=":")
+    ax[1].set(title="loss", xlabel="offered packets/s", ylabel="loss (%)")
+    ax[2].set(title="one-way latency", xlabel="offered packets/s", ylabel="ms", yscale="log")
+    for a in ax:
+        a.legend(fontsize=8)
+        a.grid(alpha=0.3)
+    fig.suptitle("TURN client to client (turn-load, 4 pairs, 100 B): medians of the rounds")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    print(f"wrote {path}")
+
+
+def take_profiles(servers, peer_port, load_bin, load, workdir):
+    """perf and strace of each server under the fixed uclient load: where CPU goes, and
+    system calls per relayed packet."""
+    parts = []
+    for server in servers:
+        prof = report.Profile(server.pid, workdir)
+        relayed = {}
+
+        def run():
+            sent, recv, _ = uclient(server.port, peer_port, ["-m", str(load["m"]), "-n", str(load["n"]), "-l", "100", "-z", "0"])
+            relayed["n"] = sent + recv
+
+        perf = prof.perf(run, f"{server.name}-perf")
+
+        def short():
+            sent, recv, _ = uclient(server.port, peer_port, ["-m", "4", "-n", "5000", "-l", "100", "-z", "0"])
+            relayed["s"] = sent + recv
+
+        calls = prof.syscalls(short, f"{server.name}-strace")
+        parts.append(report.profile_markdown(server.name, "relayed packet", relayed.get("s"), perf, calls))
+    return "\n".join(parts)
 
 
 def main():
@@ -148,17 +264,22 @@ def main():
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--write-docs", action="store_true")
-    ap.add_argument("--binary", default=os.environ.get("SWITCHBOARD_BIN"))
+    ap.add_argument("--profile", action="store_true")
     args = ap.parse_args()
     for tool in ["turnserver", "turnutils_uclient", "turnutils_peer"]:
         if not shutil.which(tool):
             raise SystemExit(f"{tool} is missing: apt-get install coturn")
-    binary = args.binary or str(ROOT / "target" / ("debug" if args.smoke else "release") / "switchboard")
-    if not Path(binary).exists():
-        profile = [] if args.smoke else ["--release"]
-        subprocess.run(["cargo", "build", "--quiet", *profile], cwd=ROOT, check=True)
+    profile_dir = "debug" if args.smoke else "release"
+    subprocess.run(["cargo", "build", "--quiet", *([] if args.smoke else ["--release"]), "--bin", "switchboard", "--bin", "turn-load"], cwd=ROOT, check=True)
+    binary = ROOT / "target" / profile_dir / "switchboard"
+    load_bin = ROOT / "target" / profile_dir / "turn-load"
     rounds = 1 if args.smoke else args.rounds
-    load = {"m": 1, "n": 200, "n_big": 200, "z": 5} if args.smoke else {"m": 4, "n": 50000, "n_big": 20000, "z": 0}
+    if args.smoke:
+        load = {"m": 1, "n": 200, "c2c_m": 2, "n_big": 200, "rates": [2000, 4000], "seconds": 1, "lat_rate": 2000,
+                "allocs": 20, "flood": 2000}
+    else:
+        load = {"m": 4, "n": 50000, "c2c_m": 8, "n_big": 20000, "rates": [10000, 20000, 40000, 60000, 80000, 100000, 120000, 150000],
+                "seconds": 2, "lat_rate": 20000, "allocs": 2000, "flood": 1000000}
 
     tmp = Path(tempfile.mkdtemp(prefix="sb-turn-bench-"))
     cport, sport, peer_port = free_udp_port(), free_udp_port(), free_udp_port()
@@ -167,7 +288,7 @@ def main():
         "--min-port=20000", "--max-port=29999", "--use-auth-secret", f"--static-auth-secret={SECRET}",
         "--realm=switchboard", "--no-tls", "--no-dtls", "--allow-loopback-peers", "--no-cli",
         "--no-stdout-log", f"--log-file={tmp}/coturn.log", "--simple-log", f"--pidfile={tmp}/coturn.pid",
-    ])
+    ], cport)
     env = dict(os.environ)
     env.update({
         "SWITCHBOARD_DATA_DIR": str(tmp / "data"),
@@ -180,52 +301,71 @@ def main():
         "SWITCHBOARD_TURN__TOTAL_QUOTA": "100000",
         "SWITCHBOARD_LOG__LEVEL": "warn",
     })
-    ours = Server("switchboard", [binary], env)
+    ours = Server("switchboard", [str(binary)], sport, env)
     peer = subprocess.Popen(["turnutils_peer", "-L", "127.0.0.1", "-p", str(peer_port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    results = {"coturn": [], "switchboard": []}
+    servers = [coturn, ours]
+    results = {s.name: [] for s in servers}
+    curves = {s.name: [] for s in servers}
+    profiles = None
     try:
-        coturn.start(cport)
-        ours.start(sport)
-        # Warm-up round, discarded, for each.
-        for server, port in [(coturn, cport), (ours, sport)]:
-            measure(server, port, peer_port, load)
+        for s in servers:
+            s.start()
+        for s in servers if not args.smoke else []:  # warm-up round, discarded
+            measure(s, peer_port, load_bin, load)
         for i in range(rounds):
-            for server, port in [(coturn, cport), (ours, sport)]:
-                r = measure(server, port, peer_port, load)
-                results[server.name].append(r)
-                print(f"round {i + 1} {server.name}: " + ", ".join(f"{k}={v:.2f}" for k, v in r.items()), flush=True)
+            for s in servers:
+                r, points = measure(s, peer_port, load_bin, load)
+                results[s.name].append(r)
+                curves[s.name].append(points)
+                print(f"round {i + 1} {s.name}: " + ", ".join(f"{k}={v:.2f}" for k, v in r.items()), flush=True)
+        if args.profile:
+            profiles = take_profiles(servers, peer_port, load_bin, load, tmp)
     finally:
-        ours.stop()
-        coturn.stop()
+        for s in servers:
+            s.stop()
         peer.kill()
         shutil.rmtree(tmp, ignore_errors=True)
 
-    med = {name: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for name, rs in results.items()}
-    lines = [
-        f"| metric | coturn 4.6 | Switchboard | ours / coturn | better |",
-        "|---|---|---|---|---|",
-    ]
-    for key, label, better in METRICS:
-        c, s = med["coturn"][key], med["switchboard"][key]
-        ratio = s / c if c else float("nan")
-        lines.append(f"| {label} | {c:.2f} | {s:.2f} | {ratio:.2f} | {better} |")
-    table = "\n".join(lines)
+    med = {name: report.medians(rs) for name, rs in results.items()}
+    med_curves = {name: [report.medians([c[i] for c in cs]) for i in range(len(load["rates"]))] for name, cs in curves.items()}
+    rows = [(label.format(**load), med["coturn"][k], med["switchboard"][k], better) for k, label, better in METRICS]
+    table = report.table(["coturn 4.6", "Switchboard"], rows)
     print()
     print(table)
+    if profiles:
+        print()
+        print(profiles)
     if args.smoke:
+        plot(med_curves, Path(tempfile.gettempdir()) / "sb-turn-smoke.png", load["rates"], required=False)
         print("\n(smoke mode: tiny load, one round; figures are not meaningful)")
         return
     if args.write_docs:
-        write_docs(table, rounds, load)
+        report.PLOTS.mkdir(parents=True, exist_ok=True)
+        plot(med_curves, report.PLOTS / "turn-saturation.png", load["rates"], required=True)
+        write_docs(table, med, rounds, load, profiles)
 
 
-def write_docs(table, rounds, load):
+def write_docs(table, med, rounds, load, profiles):
     body = (
-        f"Machine: {report.machine()}. Command: `scripts/bench/turn.sh --rounds {rounds} --write-docs`.\n"
-        f"Load per workload: `-m {load['m']} -n {load['n']} -z {load['z']}` (100 B), `-n {load['n_big']}` (1000 B); "
-        f"medians of {rounds} interleaved rounds after a discarded warm-up.\n\n{table}"
+        f"Machine: {report.machine()}; servers, clients and peer share the cores. "
+        f"Command: `scripts/bench/turn.sh --rounds {rounds} --write-docs{' --profile' if profiles else ''}`.\n"
+        f"uclient load: `-m {load['m']} -n {load['n']} -l 100 -z 0` (CPU rows), `-y -m {load['c2c_m']}`, "
+        f"`-n {load['n_big']} -l 1000`; turn-load sweep: {', '.join(str(r) for r in load['rates'])} packets/s, "
+        f"{load['seconds']} s each. Medians of {rounds} interleaved rounds after a discarded warm-up.\n\n{table}\n\n"
+        "![TURN saturation sweep](bench/turn-saturation.png)"
     )
     report.write_section("turn", "TURN relay (ours vs coturn)", body)
+    if profiles:
+        report.write_section("turn-profile", "TURN profiles", profiles)
+    c, s = med["coturn"], med["switchboard"]
+    headline = (
+        f"- TURN vs coturn 4.6: {report.ratio(s['cpu_us_per_pkt'], c['cpu_us_per_pkt'])}x the server CPU per relayed "
+        f"packet, {report.ratio(s['sat_pps'], c['sat_pps'])}x the saturation rate at ≤ 1 % loss, "
+        f"{report.ratio(s['kb_per_alloc'], c['kb_per_alloc'])}x the memory per allocation, "
+        f"{report.ratio(s['allocs_per_s'], c['allocs_per_s'])}x the allocation rate; "
+        f"+{s['flood_mb']:.1f} MB (coturn +{c['flood_mb']:.1f} MB) after {load['flood']:,} unauthenticated Allocates."
+    )
+    report.write_section("headline-turn", "", headline, doc=ROOT / "README.md")
 
 
 if __name__ == "__main__":

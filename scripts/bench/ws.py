@@ -10,8 +10,12 @@ Workloads (medians over the rounds, ratio ours / Socket.IO):
   ack       send -> ack latency (one client, sequential)
   call      call setup latency, call:initiate -> call:offer at the callee
 
---smoke: tiny sizes, one round (scripts/test.sh runs it so the harness cannot rot).
---write-docs: rewrite the WebSocket section of docs/benchmarks.md.
+--smoke: tiny sizes, one round, plots to a temp dir (scripts/test.sh runs it so the harness
+         cannot rot).
+--write-docs: rewrite the WebSocket sections of docs/benchmarks.md, its plots and the README line.
+--profile: after the rounds, the fan-out (chats of 2), ack and call workloads once more under
+           perf and strace, and the fsync latency of the data directory's disk; with
+           --write-docs, the profile section of docs/benchmarks.md.
 """
 import argparse
 import json
@@ -20,7 +24,6 @@ import re
 import resource
 import shutil
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -109,6 +112,7 @@ def main():
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--write-docs", action="store_true")
+    ap.add_argument("--profile", action="store_true")
     args = ap.parse_args()
     profile = "debug" if args.smoke else "release"
     if not shutil.which("node"):
@@ -140,6 +144,7 @@ def main():
     sb = subprocess.Popen([str(sb_bin)], env=env, stdout=subprocess.DEVNULL)
     sio = subprocess.Popen(["node", "server.js"], cwd=SIO_DIR, env={**os.environ, "PORT": str(sport)}, stdout=subprocess.DEVNULL)
     results = {"switchboard": [], "socketio": []}
+    profiles = None
     try:
         base = f"http://127.0.0.1:{hport}"
         wait_http(f"{base}/readyz")
@@ -195,6 +200,8 @@ def main():
                 row["call_p50_ms"], row["call_p99_ms"] = c["p50_ms"], c["p99_ms"]
                 results[name].append(row)
                 print(f"round {r + 1} {name}: " + ", ".join(f"{k}={v:.2f}" for k, v in row.items()), flush=True)
+        if args.profile:
+            profiles = take_profiles(load_bin, targets, setups, sizes, tmp)
     finally:
         sb.terminate()
         sio.terminate()
@@ -202,7 +209,7 @@ def main():
         sio.wait(20)
         shutil.rmtree(tmp, ignore_errors=True)
 
-    med = {n: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for n, rs in results.items()}
+    med = {n: report.medians(rs) for n, rs in results.items()}
     labels = [
         ("kb_per_idle_conn", f"server memory per idle connection (kB), {sizes['idle']} connections", "lower"),
         ("connects_per_s", "connections opened per second", "higher"),
@@ -217,22 +224,114 @@ def main():
         ("call_p50_ms", "call setup (initiate -> offer at callee) p50 (ms)", "lower"),
         ("call_p99_ms", "call setup p99 (ms)", "lower"),
     ]
-    lines = ["| metric | Socket.IO 4 (Node, no DB) | Switchboard (SQLite, fsync) | ours / Socket.IO | better |", "|---|---|---|---|---|"]
-    for key, label, better in labels:
-        s, o = med["socketio"][key], med["switchboard"][key]
-        lines.append(f"| {label} | {s:.2f} | {o:.2f} | {o / s if s else float('nan'):.2f} | {better} |")
-    table = "\n".join(lines)
+    rows = [(label, med["socketio"][k], med["switchboard"][k], better) for k, label, better in labels]
+    table = report.table(["Socket.IO 4 (Node, no DB)", "Switchboard (SQLite, fsync)"], rows)
     print()
     print(table)
+    if profiles:
+        print()
+        print(profiles)
     if args.smoke:
+        plot(med, sizes, Path(tempfile.gettempdir()), "sb-ws-smoke-", required=False)
         print("\n(smoke mode: tiny sizes, one round; figures are not meaningful)")
         return
     if args.write_docs:
+        report.PLOTS.mkdir(parents=True, exist_ok=True)
+        plot(med, sizes, report.PLOTS, "ws-", required=True)
+        flags = " --profile" if profiles else ""
         body = (
             f"Machine: {report.machine()}, server and load client on the same cores. "
-            f"Command: `scripts/bench/ws.sh --rounds {rounds} --write-docs`. Medians of {rounds} rounds.\n\n{table}"
+            f"Command: `scripts/bench/ws.sh --rounds {rounds} --write-docs{flags}`. Medians of {rounds} rounds.\n\n{table}\n\n"
+            "![WebSocket throughput](bench/ws-throughput.png)\n![WebSocket latency](bench/ws-latency.png)"
         )
         report.write_section("ws", "WebSocket (ours vs Socket.IO)", body)
+        if profiles:
+            report.write_section("ws-profile", "WebSocket profiles", profiles)
+        o, s = med["switchboard"], med["socketio"]
+        headline = (
+            f"- WebSocket vs a Socket.IO 4 server without a database: {report.ratio(o['kb_per_idle_conn'], s['kb_per_idle_conn'])}x "
+            f"the memory per idle connection ({o['kb_per_idle_conn']:.1f} kB), {report.ratio(o['connects_per_s'], s['connects_per_s'])}x the connect rate, "
+            f"{report.ratio(o['fanout2_deliveries_per_s'], s['fanout2_deliveries_per_s'])}x (chats of 2) and "
+            f"{report.ratio(o['fanout50_deliveries_per_s'], s['fanout50_deliveries_per_s'])}x (chats of {sizes['group']}) the fan-out deliveries "
+            f"per second with every message committed to SQLite first, {report.ratio(o['ack_p50_ms'], s['ack_p50_ms'])}x the send-to-ack "
+            f"latency ({o['ack_p50_ms']:.2f} ms p50), {report.ratio(o['call_p50_ms'], s['call_p50_ms'])}x the call-setup latency."
+        )
+        report.write_section("headline-ws", "", headline, doc=ROOT / "README.md")
+
+
+def plot(med, sizes, outdir, prefix, required):
+    """Bar charts: deliveries per second, and latencies (log scale), both servers side by side."""
+    plt = report.pyplot(required)
+    if plt is None:
+        return
+    names = [("socketio", "Socket.IO 4 (no DB)", "tab:blue"), ("switchboard", "Switchboard (SQLite)", "tab:orange")]
+    groups = [("fanout2_deliveries_per_s", "chats of 2"), ("fanout50_deliveries_per_s", f"chats of {sizes['group']}")]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for i, (key, label, color) in enumerate(names):
+        xs = [j + (i - 0.5) * 0.38 for j in range(len(groups))]
+        ax.bar(xs, [med[key][g] for g, _ in groups], width=0.38, color=color, label=label)
+    ax.set_xticks(range(len(groups)), [l for _, l in groups])
+    ax.set(title=f"fan-out, {sizes['clients']} clients: deliveries per second", ylabel="deliveries/s")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(outdir / f"{prefix}throughput.png", dpi=90)
+    plt.close(fig)
+    lat = [("fanout2_p50_ms", "fan-out 2\np50"), ("fanout2_p99_ms", "fan-out 2\np99"),
+           ("fanout50_p50_ms", f"fan-out {sizes['group']}\np50"), ("fanout50_p99_ms", f"fan-out {sizes['group']}\np99"),
+           ("ack_p50_ms", "send->ack\np50"), ("ack_p99_ms", "send->ack\np99"),
+           ("call_p50_ms", "call setup\np50"), ("call_p99_ms", "call setup\np99")]
+    fig, ax = plt.subplots(figsize=(10, 4))
+    for i, (key, label, color) in enumerate(names):
+        xs = [j + (i - 0.5) * 0.38 for j in range(len(lat))]
+        ax.bar(xs, [med[key][k] for k, _ in lat], width=0.38, color=color, label=label)
+    ax.set_xticks(range(len(lat)), [l for _, l in lat], fontsize=8)
+    ax.set(title="latency (ms, log scale): lower is better", ylabel="ms", yscale="log")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(outdir / f"{prefix}latency.png", dpi=90)
+    plt.close(fig)
+    print(f"wrote {outdir / (prefix + 'throughput.png')}, {outdir / (prefix + 'latency.png')}")
+
+
+def fsync_latency(directory, n=200):
+    """p50 and p99 (ms) of write + fsync of one 4 KiB page in `directory`: the floor of a
+    durable acknowledgement on this disk."""
+    path = Path(directory) / "fsync-probe"
+    times = []
+    with open(path, "wb") as f:
+        for _ in range(n):
+            t = time.perf_counter()
+            f.write(b"\0" * 4096)
+            f.flush()
+            os.fsync(f.fileno())
+            times.append((time.perf_counter() - t) * 1000)
+    path.unlink()
+    times.sort()
+    return times[len(times) // 2], times[int(len(times) * 0.99)]
+
+
+def take_profiles(load_bin, targets, setups, sizes, tmp):
+    """Each server under the workloads where Switchboard is behind: perf (where CPU goes) and
+    strace (system calls per message or call)."""
+    parts = []
+    p50, p99 = fsync_latency(tmp)
+    parts.append(f"fsync of a 4 KiB write in the data directory: p50 {p50:.3f} ms, p99 {p99:.3f} ms "
+                 "(Switchboard commits with `synchronous = FULL` before it acknowledges).\n")
+    for name, url, proto, pid in targets:
+        prof = report.Profile(pid, tmp)
+        s2 = {"setup": setups[2]} if proto == "sb" else {}
+        fan = lambda: load(load_bin, "fanout", url, proto, clients=sizes["clients"], group=2, messages=sizes["msgs2"], **s2)
+        perf = prof.perf(fan, f"{name}-fanout")
+        calls = prof.syscalls(fan, f"{name}-fanout-strace")
+        # Both include connecting the clients (one connection per 5 messages).
+        parts.append(report.profile_markdown(f"{name}: fan-out, chats of 2", "message", sizes["msgs2"], perf, calls))
+        acks = sizes["ack"] // 2
+        calls = prof.syscalls(lambda: load(load_bin, "ack", url, proto, messages=acks, **s2), f"{name}-ack-strace")
+        parts.append(report.profile_markdown(f"{name}: send -> ack, one client", "message", acks, None, calls))
+        n = sizes["calls"] // 2
+        calls = prof.syscalls(lambda: load(load_bin, "call", url, proto, calls=n, **s2), f"{name}-call-strace")
+        parts.append(report.profile_markdown(f"{name}: call setup", "call", n, None, calls))
+    return "\n".join(parts)
 
 
 if __name__ == "__main__":
