@@ -245,11 +245,12 @@ impl GateConn {
         if !is_message(data) {
             return Verdict::Pass; // ChannelData
         }
-        let Some(m) = decode(data) else {
-            return Verdict::Pass; // the crate drops what it cannot read
-        };
-        let method = m.typ.method;
-        if m.typ.class != CLASS_REQUEST
+        // The type from the header alone (RFC 8489 §5): Send indications, the other hot path,
+        // pass without being decoded twice.
+        let mut typ = MessageType::default();
+        typ.read_value(u16::from_be_bytes([data[0], data[1]]));
+        let method = typ.method;
+        if typ.class != CLASS_REQUEST
             || ![
                 METHOD_ALLOCATE,
                 METHOD_REFRESH,
@@ -260,6 +261,9 @@ impl GateConn {
         {
             return Verdict::Pass; // Binding, Send indications
         }
+        let Some(m) = decode(data) else {
+            return Verdict::Pass; // the crate drops what it cannot read
+        };
         // RFC 8489 §9.2.4, in its order: no credentials -> 401 with a nonce; credentials
         // without username, realm or nonce -> 400; a nonce we do not accept -> 438.
         if !m.contains(ATTR_MESSAGE_INTEGRITY) {
