@@ -145,6 +145,8 @@ def turn_load(load_bin, workload, port, on_ready=None, **kw):
     err = p.stderr.read()
     if p.wait() != 0 or result is None:
         raise RuntimeError(f"turn-load {workload} failed: {err[-1500:]}")
+    if err.strip():
+        print(f"  turn-load {workload} on port {port}: {err.strip()[-500:]}", flush=True)
     return result
 
 
@@ -179,9 +181,8 @@ def measure(server, peer_port, load_bin, load):
     before = rss_kb(pid)
     held = {}
     a = turn_load(load_bin, "allocs", port, on_ready=lambda: (time.sleep(1), held.update(rss=rss_kb(pid))), count=load["allocs"], concurrency=32, hold=1)
-    if a["failed"]:
-        raise RuntimeError(f"{server.name}: {a['failed']:.0f} allocations failed")
-    r["kb_per_alloc"] = (held["rss"] - before) / load["allocs"]
+    r["kb_per_alloc"] = (held["rss"] - before) / max(a["ok"], 1)
+    r["alloc_failed"] = a["failed"]
     r["allocs_per_s"] = a["allocs_per_s"]
     # A flood of unauthenticated Allocate requests from many source ports.
     before = rss_kb(pid)
@@ -204,6 +205,7 @@ METRICS = [
     ("lat_p99_us", "one-way latency p99 (µs) at {lat_rate} packets/s", "lower"),
     ("kb_per_alloc", "server memory per allocation (kB), {allocs} held", "lower"),
     ("allocs_per_s", "allocations per second", "higher"),
+    ("alloc_failed", "  allocations that failed (of {allocs})", "lower"),
     ("flood_mb", "RSS growth (MB) after {flood} unauthenticated Allocates", "lower"),
     ("flood_per_s", "  those answered per second", "higher"),
 ]

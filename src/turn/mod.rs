@@ -160,7 +160,8 @@ impl TurnServer {
                 closer_shared.allocation_closed(info.five_tuple.src_addr);
             }
         });
-        let nonce_schedule = tokio::spawn(run_nonce_schedule(shared.clone(), local_addr).await?);
+        let (bell, bell_to) = doorbell(local_addr).await?;
+        let nonce_schedule = tokio::spawn(run_nonce_schedule(shared.clone(), bell, bell_to));
         // The gate challenges clients with the crate's nonce: have one before serving.
         tokio::time::timeout(Duration::from_secs(5), async {
             loop {
@@ -196,45 +197,46 @@ impl TurnServer {
     }
 }
 
-/// The task that keeps the gate's house nonces fresh ([`nonce`]): it leaves each probe the
-/// schedule asks for with the gate and rings a doorbell, an empty datagram to the listener, so
-/// that a read loop waiting on an idle socket picks the probe up.
-async fn run_nonce_schedule(
-    shared: Arc<Shared>,
-    listener: SocketAddr,
-) -> anyhow::Result<impl std::future::Future<Output = ()>> {
-    let (bell_from, bell_to): (SocketAddr, SocketAddr) = match listener {
-        SocketAddr::V4(a) if a.ip().is_unspecified() => (
-            ([0, 0, 0, 0], 0).into(),
-            (Ipv4Addr::LOCALHOST, a.port()).into(),
-        ),
-        SocketAddr::V6(a) if a.ip().is_unspecified() => (
-            ([0u16; 8], 0).into(),
-            (std::net::Ipv6Addr::LOCALHOST, a.port()).into(),
-        ),
-        SocketAddr::V4(_) => (([0, 0, 0, 0], 0).into(), listener),
-        SocketAddr::V6(_) => (([0u16; 8], 0).into(), listener),
+/// A socket to ring the doorbell of the listener at `listener` from, and where to ring it: an
+/// empty datagram wakes a read loop that waits on an idle socket, so it picks up a probe.
+async fn doorbell(listener: SocketAddr) -> anyhow::Result<(UdpSocket, SocketAddr)> {
+    let to = match listener {
+        SocketAddr::V4(a) if a.ip().is_unspecified() => (Ipv4Addr::LOCALHOST, a.port()).into(),
+        SocketAddr::V6(a) if a.ip().is_unspecified() => {
+            (std::net::Ipv6Addr::LOCALHOST, a.port()).into()
+        }
+        _ => listener,
     };
-    let doorbell = UdpSocket::bind(bell_from)
+    let from: SocketAddr = if to.is_ipv4() {
+        (Ipv4Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let sock = UdpSocket::bind(from)
         .await
         .context("turn: the doorbell socket")?;
-    Ok(async move {
-        loop {
-            let issued = shared.nonce_issued.notified();
-            let (probe, wait_ms) = shared.poll_probe();
-            if let Some(datagram) = probe {
-                shared.queue_probe(datagram);
-                if let Err(e) = doorbell.send_to(&[], bell_to).await {
-                    tracing::warn!(error = %e, "turn: cannot ring the nonce doorbell");
-                }
-            }
-            let wait = Duration::from_millis(wait_ms.clamp(10, 60_000) as u64);
-            tokio::select! {
-                _ = tokio::time::sleep(wait) => {}
-                _ = issued => {}
+    Ok((sock, to))
+}
+
+/// Keeps the gate's house nonces fresh ([`nonce`]): leaves each probe the schedule asks for
+/// with the gate, rings the doorbell, and sleeps until the schedule's next instant or the
+/// crate's answer.
+async fn run_nonce_schedule(shared: Arc<Shared>, bell: UdpSocket, bell_to: SocketAddr) {
+    loop {
+        let issued = shared.nonce_issued.notified();
+        let (probe, wait_ms) = shared.poll_probe();
+        if let Some(datagram) = probe {
+            shared.queue_probe(datagram);
+            if let Err(e) = bell.send_to(&[], bell_to).await {
+                tracing::warn!(error = %e, "turn: cannot ring the nonce doorbell");
             }
         }
-    })
+        let wait = Duration::from_millis(wait_ms.clamp(10, 60_000) as u64);
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = issued => {}
+        }
+    }
 }
 
 /// What browsers need to reach the TURN server (PROTOCOL §4).
