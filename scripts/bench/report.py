@@ -31,6 +31,14 @@ def write_section(key, title, body, doc=None):
     print(f"wrote {doc.relative_to(ROOT)} ({key})")
 
 
+def publish(key, title, body, profiles, headline):
+    """Writes a script's results: its table section, its profile section, its README line."""
+    write_section(key, title, body)
+    if profiles:
+        write_section(f"{key}-profile", f"{title}: profiles", profiles)
+    write_section(f"headline-{key}", "", headline, doc=ROOT / "README.md")
+
+
 def medians(rounds):
     """{metric: median over rounds} of a list of {metric: value} dicts."""
     return {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
@@ -86,19 +94,23 @@ class Profile:
         self.pid = pid
         self.workdir = Path(workdir)
 
+    def _traced(self, cmd, run, settle):
+        """Runs `run()` while `cmd` (a tracer attached to the process) records; stops it with
+        SIGINT, on which both tools write their output."""
+        tracer = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(settle)
+        try:
+            run()
+        finally:
+            tracer.send_signal(2)
+            tracer.wait(30)
+
     def perf(self, run, name):
         """Runs `run()` under `perf record`; returns (kernel share, [(share, symbol)])."""
         if not have("perf"):
             return None
         data = self.workdir / f"{name}.perf"
-        rec = subprocess.Popen(["perf", "record", "-q", "-F", "999", "-p", str(self.pid), "-o", str(data)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(0.5)
-        try:
-            run()
-        finally:
-            rec.send_signal(2)
-            rec.wait(30)
+        self._traced(["perf", "record", "-q", "-F", "999", "-p", str(self.pid), "-o", str(data)], run, 0.5)
         dsos = subprocess.run(["perf", "report", "-i", str(data), "--stdio", "--sort", "dso"], capture_output=True, text=True).stdout
         kernel = sum(float(m.group(1)) for m in re.finditer(r"^\s+([\d.]+)%\s+\[kernel", dsos, flags=re.M))
         syms = subprocess.run(["perf", "report", "-i", str(data), "--stdio", "--sort", "symbol"], capture_output=True, text=True).stdout
@@ -116,14 +128,7 @@ class Profile:
         if not have("strace"):
             return None
         out = self.workdir / f"{name}.strace"
-        st = subprocess.Popen(["strace", "-c", "-f", "-p", str(self.pid), "-o", str(out)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(1.0)
-        try:
-            run()
-        finally:
-            st.send_signal(2)
-            st.wait(30)
+        self._traced(["strace", "-c", "-f", "-p", str(self.pid), "-o", str(out)], run, 1.0)
         counts = {}
         for line in out.read_text().splitlines():
             f = line.split()

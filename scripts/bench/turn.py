@@ -356,9 +356,6 @@ def write_docs(table, med, rounds, load, profiles):
         f"{load['seconds']} s each. Medians of {rounds} interleaved rounds after a discarded warm-up.\n\n{table}\n\n"
         "![TURN saturation sweep](bench/turn-saturation.png)"
     )
-    report.write_section("turn", "TURN relay (ours vs coturn)", body)
-    if profiles:
-        report.write_section("turn-profile", "TURN profiles", profiles)
     c, s = med["coturn"], med["switchboard"]
     headline = (
         f"- TURN vs coturn 4.6: {report.ratio(s['cpu_us_per_pkt'], c['cpu_us_per_pkt'])}x the server CPU per relayed "
@@ -367,7 +364,7 @@ def write_docs(table, med, rounds, load, profiles):
         f"{report.ratio(s['allocs_per_s'], c['allocs_per_s'])}x the allocation rate; "
         f"+{s['flood_mb']:.1f} MB (coturn +{c['flood_mb']:.1f} MB) after {load['flood']:,} unauthenticated Allocates."
     )
-    report.write_section("headline-turn", "", headline, doc=ROOT / "README.md")
+    report.publish("turn", "TURN relay (ours vs coturn)", body, profiles, headline)
 
 
 if __name__ == "__main__":
