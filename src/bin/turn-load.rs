@@ -13,12 +13,17 @@
 //!       P pairs of allocations relaying ChannelData client to client (A -> A's relay -> B's
 //!       relay -> B) at PPS packets/s in all, paced; prints offered and delivered rates, loss
 //!       and one-way latency percentiles.
+//!
+//! Every workload takes `--bind IP`, the clients' source address (default: the server's). On
+//! loopback, a distinct one (127.0.0.2) keeps the clients' ports apart from those of other
+//! clients on the same machine: `turnutils_uclient` leaves its allocations behind, and a new
+//! socket that gets such a port back from the kernel would be refused with 437.
 
 #![allow(clippy::disallowed_methods)] // a load generator reads the clock all the time
 
 use std::collections::HashMap;
 use std::io;
-use std::net::{SocketAddr, UdpSocket};
+use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -151,8 +156,8 @@ struct Allocation {
 }
 
 impl Allocation {
-    fn open(server: SocketAddr, secret: &str, user: &str) -> io::Result<Allocation> {
-        let sock = UdpSocket::bind(SocketAddr::new(server.ip(), 0))?;
+    fn open(server: SocketAddr, bind: IpAddr, secret: &str, user: &str) -> io::Result<Allocation> {
+        let sock = UdpSocket::bind(SocketAddr::new(bind, 0))?;
         let first = request_msg(METHOD_ALLOCATE, &[&UDP, &FINGERPRINT]);
         let challenge = transact(&sock, server, &first)?;
         let text = |attr| {
@@ -271,7 +276,7 @@ fn parallel<T: Send + 'static>(
         .collect()
 }
 
-fn allocs(args: &Args, server: SocketAddr) {
+fn allocs(args: &Args, server: SocketAddr, bind: IpAddr) {
     let count = args.num("count", 1000) as usize;
     let concurrency = args.num("concurrency", 32) as usize;
     let secret = args.str("secret").to_owned();
@@ -279,7 +284,7 @@ fn allocs(args: &Args, server: SocketAddr) {
     let user = format!("load-{}", std::process::id());
     let started = Instant::now();
     let results = parallel(count, concurrency, move |_| {
-        Allocation::open(server, &secret, &user)
+        Allocation::open(server, bind, &secret, &user)
     });
     let secs = started.elapsed().as_secs_f64();
     let mut held = Vec::new();
@@ -310,7 +315,7 @@ fn allocs(args: &Args, server: SocketAddr) {
     });
 }
 
-fn flood(args: &Args, server: SocketAddr) {
+fn flood(args: &Args, server: SocketAddr, bind: IpAddr) {
     let requests = args.num("requests", 100_000);
     let sockets = args.num("sockets", 1000) as usize;
     let threads = args.num("threads", 16) as usize;
@@ -323,7 +328,7 @@ fn flood(args: &Args, server: SocketAddr) {
         parallel(threads, threads, move |_| {
             let socks: Vec<UdpSocket> = (0..per_thread_sockets)
                 .map(|_| {
-                    let s = UdpSocket::bind(SocketAddr::new(server.ip(), 0)).expect("bind");
+                    let s = UdpSocket::bind(SocketAddr::new(bind, 0)).expect("bind");
                     s.set_read_timeout(Some(Duration::from_millis(200)))
                         .expect("timeout");
                     s
@@ -367,7 +372,7 @@ fn channel_data(buf: &mut [u8], size: usize, seq: u64, sent_us: u64) -> usize {
     4 + size
 }
 
-fn relay(args: &Args, server: SocketAddr) {
+fn relay(args: &Args, server: SocketAddr, bind: IpAddr) {
     let pairs = args.num("pairs", 4) as usize;
     let rate = args.num("rate", 10_000) as f64;
     let seconds = args.num("seconds", 3) as f64;
@@ -376,8 +381,8 @@ fn relay(args: &Args, server: SocketAddr) {
     let user = format!("relay-{}", std::process::id());
     let mut sides = Vec::new();
     for _ in 0..pairs {
-        let mut a = Allocation::open(server, secret, &user).expect("allocate A");
-        let mut b = Allocation::open(server, secret, &user).expect("allocate B");
+        let mut a = Allocation::open(server, bind, secret, &user).expect("allocate A");
+        let mut b = Allocation::open(server, bind, secret, &user).expect("allocate B");
         a.bind_channel(b.relayed, CHANNEL).expect("A -> B channel");
         b.bind_channel(a.relayed, CHANNEL).expect("B -> A channel");
         sides.push((a, b));
@@ -460,10 +465,14 @@ fn relay(args: &Args, server: SocketAddr) {
 fn main() {
     let (cmd, args) = Args::parse();
     let server: SocketAddr = args.str("server").parse().expect("--server ADDR:PORT");
+    let bind: IpAddr = args
+        .0
+        .get("bind")
+        .map_or(server.ip(), |b| b.parse().expect("--bind IP"));
     match cmd.as_str() {
-        "allocs" => allocs(&args, server),
-        "flood" => flood(&args, server),
-        "relay" => relay(&args, server),
+        "allocs" => allocs(&args, server, bind),
+        "flood" => flood(&args, server, bind),
+        "relay" => relay(&args, server, bind),
         other => {
             eprintln!("unknown workload `{other}` (allocs, flood, relay)");
             std::process::exit(2);
