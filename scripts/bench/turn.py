@@ -156,8 +156,9 @@ def sweep(load_bin, port, rates, seconds):
     return [turn_load(load_bin, "relay", port, pairs=4, rate=r, seconds=seconds) for r in rates]
 
 
-def measure(server, peer_port, load_bin, load):
-    """One round of every workload against a running server: a dict of figures, and the sweep."""
+def measure(server, fresh, peer_port, load_bin, load):
+    """One round of every workload against a running server (and the memory figures against
+    `fresh()`, a new instance of it): a dict of figures, and the sweep."""
     pid, port = server.pid, server.port
     r = {}
     # Fixed offered load through an echo peer: CPU per relayed packet, channels then Send.
@@ -178,7 +179,24 @@ def measure(server, peer_port, load_bin, load):
     r["sat_pps"] = max(ok) if ok else 0.0
     lat = turn_load(load_bin, "relay", port, pairs=4, rate=load["lat_rate"], seconds=load["seconds"])
     r["lat_p50_us"], r["lat_p99_us"] = lat["p50_us"], lat["p99_us"]
-    # Memory per allocation held open, and allocation rate.
+    r.update(memory(fresh(), load_bin, load))
+    return r, points
+
+
+def memory(server, load_bin, load):
+    """Memory figures on a freshly started server, so that nothing an earlier workload left in
+    its allocator hides what allocations and floods cost: RSS growth per allocation held open
+    (and the allocation rate), then RSS growth after a flood of unauthenticated Allocates."""
+    server.start()
+    try:
+        return memory_of(server, load_bin, load)
+    finally:
+        server.stop()
+
+
+def memory_of(server, load_bin, load):
+    pid, port, r = server.pid, server.port, {}
+    time.sleep(0.5)
     before = rss_kb(pid)
     held = {}
     a = turn_load(load_bin, "allocs", port, on_ready=lambda: (time.sleep(1), held.update(rss=rss_kb(pid))), count=load["allocs"], concurrency=32, hold=1)
@@ -191,7 +209,7 @@ def measure(server, peer_port, load_bin, load):
     time.sleep(1)
     r["flood_mb"] = (rss_kb(pid) - before) / 1024
     r["flood_per_s"] = f["per_s"]
-    return r, points
+    return r
 
 
 METRICS = [
@@ -204,10 +222,10 @@ METRICS = [
     ("sat_pps", "saturation: client-to-client packets/s at ≤ 1 % loss (turn-load)", "higher"),
     ("lat_p50_us", "one-way latency p50 (µs) at {lat_rate} packets/s", "lower"),
     ("lat_p99_us", "one-way latency p99 (µs) at {lat_rate} packets/s", "lower"),
-    ("kb_per_alloc", "server memory per allocation (kB), {allocs} held", "lower"),
+    ("kb_per_alloc", "server memory per allocation (kB), {allocs} held, fresh server", "lower"),
     ("allocs_per_s", "allocations per second", "higher"),
     ("alloc_failed", "  allocations that failed (of {allocs})", "lower"),
-    ("flood_mb", "RSS growth (MB) after {flood} unauthenticated Allocates", "lower"),
+    ("flood_mb", "RSS growth (MB) after {flood} unauthenticated Allocates, fresh server", "lower"),
     ("flood_per_s", "  those answered per second", "higher"),
 ]
 
@@ -277,28 +295,35 @@ def main():
                 "seconds": 2, "lat_rate": 20000, "allocs": 2000, "flood": 1000000}
 
     tmp = Path(tempfile.mkdtemp(prefix="sb-turn-bench-"))
-    cport, sport, peer_port = free_udp_port(), free_udp_port(), free_udp_port()
-    coturn = Server("coturn", [
-        "turnserver", "-n", "--listening-ip=127.0.0.1", f"--listening-port={cport}", "--relay-ip=127.0.0.1",
-        "--min-port=20000", "--max-port=29999", "--use-auth-secret", f"--static-auth-secret={SECRET}",
-        "--realm=switchboard", "--no-tls", "--no-dtls", "--allow-loopback-peers", "--no-cli",
-        "--no-stdout-log", f"--log-file={tmp}/coturn.log", "--simple-log", f"--pidfile={tmp}/coturn.pid",
-    ], cport)
-    env = dict(os.environ)
-    env.update({
-        "SWITCHBOARD_DATA_DIR": str(tmp / "data"),
-        "SWITCHBOARD_HTTP__LISTEN": "127.0.0.1:0",
-        "SWITCHBOARD_TURN__LISTEN_UDP": f"127.0.0.1:{sport}",
-        "SWITCHBOARD_TURN__RELAY_PORTS": "30000-39999",
-        "SWITCHBOARD_TURN__SECRET": SECRET,
-        "SWITCHBOARD_TURN__ALLOW_PEERS": '["127.0.0.1/32"]',  # the echo peer (benchmark only)
-        "SWITCHBOARD_TURN__USER_QUOTA": "100000",
-        "SWITCHBOARD_TURN__TOTAL_QUOTA": "100000",
-        "SWITCHBOARD_LOG__LEVEL": "warn",
-    })
-    ours = Server("switchboard", [str(binary)], sport, env)
+
+    def coturn(port):
+        return Server("coturn", [
+            "turnserver", "-n", "--listening-ip=127.0.0.1", f"--listening-port={port}", "--relay-ip=127.0.0.1",
+            "--min-port=20000", "--max-port=29999", "--use-auth-secret", f"--static-auth-secret={SECRET}",
+            "--realm=switchboard", "--no-tls", "--no-dtls", "--allow-loopback-peers", "--no-cli",
+            "--no-stdout-log", f"--log-file={tmp}/coturn-{port}.log", "--simple-log", f"--pidfile={tmp}/coturn-{port}.pid",
+        ], port)
+
+    def ours(port):
+        env = dict(os.environ)
+        env.update({
+            "SWITCHBOARD_DATA_DIR": str(tmp / f"data-{port}"),
+            "SWITCHBOARD_HTTP__LISTEN": "127.0.0.1:0",
+            "SWITCHBOARD_TURN__LISTEN_UDP": f"127.0.0.1:{port}",
+            "SWITCHBOARD_TURN__RELAY_PORTS": "30000-39999",
+            "SWITCHBOARD_TURN__SECRET": SECRET,
+            "SWITCHBOARD_TURN__ALLOW_PEERS": '["127.0.0.1/32"]',  # the echo peer (benchmark only)
+            "SWITCHBOARD_TURN__USER_QUOTA": "100000",
+            "SWITCHBOARD_TURN__TOTAL_QUOTA": "100000",
+            "SWITCHBOARD_LOG__LEVEL": "warn",
+        })
+        return Server("switchboard", [str(binary)], port, env)
+
+    makers = {"coturn": coturn, "switchboard": ours}
+    fresh = {name: (lambda make=make: make(free_udp_port())) for name, make in makers.items()}
+    peer_port = free_udp_port()
     peer = subprocess.Popen(["turnutils_peer", "-L", "127.0.0.1", "-p", str(peer_port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    servers = [coturn, ours]
+    servers = [coturn(free_udp_port()), ours(free_udp_port())]
     results = {s.name: [] for s in servers}
     curves = {s.name: [] for s in servers}
     profiles = None
@@ -306,10 +331,10 @@ def main():
         for s in servers:
             s.start()
         for s in servers if not args.smoke else []:  # warm-up round, discarded
-            measure(s, peer_port, load_bin, load)
+            measure(s, fresh[s.name], peer_port, load_bin, load)
         for i in range(rounds):
             for s in servers:
-                r, points = measure(s, peer_port, load_bin, load)
+                r, points = measure(s, fresh[s.name], peer_port, load_bin, load)
                 results[s.name].append(r)
                 curves[s.name].append(points)
                 print(f"round {i + 1} {s.name}: " + ", ".join(f"{k}={v:.2f}" for k, v in r.items()), flush=True)
