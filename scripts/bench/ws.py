@@ -84,6 +84,26 @@ def load(bin_path, workload, url, proto, **kw):
     return {k: float(v) if re.fullmatch(r"-?[\d.]+|nan", v) else v for k, v in (kv.split("=", 1) for kv in lines[-1].split()[1:])}
 
 
+def wait_tcp(port, timeout=30):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise SystemExit(f"nothing listens on port {port}")
+
+
+def stop(proc):
+    if proc and proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
 def idle(bin_path, url, proto, pid, conns, setup):
     before = rss_kb(pid)
     cmd = [str(bin_path), "idle", "--url", url, "--proto", proto, "--conns", str(conns), "--hold", "8"]
@@ -141,14 +161,27 @@ def main():
         "SWITCHBOARD_WS__RATE_LIMIT": "0",  # the per-connection abuse guard would throttle the load
         "SWITCHBOARD_LOG__LEVEL": "warn",
     })
-    sb = subprocess.Popen([str(sb_bin)], env=env, stdout=subprocess.DEVNULL)
-    sio = subprocess.Popen(["node", "server.js"], cwd=SIO_DIR, env={**os.environ, "PORT": str(sport)}, stdout=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{hport}"
+    starts = {
+        "switchboard": lambda: subprocess.Popen([str(sb_bin)], env=env, stdout=subprocess.DEVNULL),
+        "socketio": lambda: subprocess.Popen(["node", "server.js"], cwd=SIO_DIR, env={**os.environ, "PORT": str(sport)}, stdout=subprocess.DEVNULL),
+    }
+    ready = {"switchboard": lambda: wait_http(f"{base}/readyz"), "socketio": lambda: wait_tcp(sport)}
+    procs = {}
+
+    def restart(name):
+        """A fresh process (the same data directory for Switchboard): what one round measured
+        stays in the allocator of its process, and would hide the next round's memory growth."""
+        stop(procs.pop(name, None))
+        procs[name] = starts[name]()
+        ready[name]()
+        time.sleep(0.5)
+        return procs[name].pid
+
     results = {"switchboard": [], "socketio": []}
     profiles = None
     try:
-        base = f"http://127.0.0.1:{hport}"
-        wait_http(f"{base}/readyz")
-        time.sleep(0.5)
+        restart("switchboard")
         # Users and chats for Switchboard (Socket.IO needs none: rooms are joined on the fly).
         with ThreadPoolExecutor(8) as pool:
             regs = list(pool.map(lambda i: post(f"{base}/api/auth/register", {"username": f"load{i:05d}", "password": "password123"}), range(sizes["users"])))
@@ -172,11 +205,12 @@ def main():
             path.write_text(json.dumps({"tokens": tokens, "chats": chats(group), "direct": direct}))
             setups[group] = str(path)
         targets = [
-            ("switchboard", f"ws://127.0.0.1:{hport}/ws", "sb", sb.pid),
-            ("socketio", f"ws://127.0.0.1:{sport}", "sio", sio.pid),
+            ("switchboard", f"ws://127.0.0.1:{hport}/ws", "sb"),
+            ("socketio", f"ws://127.0.0.1:{sport}", "sio"),
         ]
         for r in range(rounds):
-            for name, url, proto, pid in targets:
+            for name, url, proto in targets:
+                pid = restart(name)
                 setup2 = setups[2] if proto == "sb" else None
                 setupg = setups[sizes["group"]] if proto == "sb" else None
                 row = {}
@@ -201,12 +235,10 @@ def main():
                 results[name].append(row)
                 print(f"round {r + 1} {name}: " + ", ".join(f"{k}={v:.2f}" for k, v in row.items()), flush=True)
         if args.profile:
-            profiles = take_profiles(load_bin, targets, setups, sizes, tmp)
+            profiles = take_profiles(load_bin, [(*t, restart(t[0])) for t in targets], setups, sizes, tmp)
     finally:
-        sb.terminate()
-        sio.terminate()
-        sb.wait(20)
-        sio.wait(20)
+        for p in procs.values():
+            stop(p)
         shutil.rmtree(tmp, ignore_errors=True)
 
     med = {n: report.medians(rs) for n, rs in results.items()}
