@@ -33,6 +33,7 @@ The TCP client leg (-t) is not measured: Switchboard's TURN listens on UDP only.
            section of docs/benchmarks.md.
 """
 import argparse
+import itertools
 import os
 import re
 import shutil
@@ -113,8 +114,15 @@ class Server:
                 self.proc.kill()
 
 
+UCLIENT_RUNS = itertools.count()
+
+
 def uclient(port, peer_port, args):
-    cmd = ["turnutils_uclient", "-p", str(port), "-W", SECRET, "-u", "bench", "-e", "127.0.0.1", "-r", str(peer_port)]
+    # uclient leaves its allocations behind (600 s); a later run whose socket got the same
+    # address and port back from the kernel would be refused (437, then 400 on channel bind).
+    # So each run binds an address of its own: 127.0.1.1, 127.0.1.2, ...
+    local = f"127.0.1.{next(UCLIENT_RUNS) % 254 + 1}"
+    cmd = ["turnutils_uclient", "-L", local, "-p", str(port), "-W", SECRET, "-u", "bench", "-e", "127.0.0.1", "-r", str(peer_port)]
     cmd += args + ["127.0.0.1"]
     started = time.time()
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)

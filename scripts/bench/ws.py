@@ -356,9 +356,11 @@ def take_profiles(load_bin, targets, setups, sizes, tmp):
         traced = sizes["msgs2"] // 4
         calls = prof.syscalls(lambda: load(load_bin, "fanout", url, proto, clients=sizes["clients"], group=2, messages=traced, **s2), f"{name}-fanout-strace")
         parts.append(report.profile_markdown(f"{name}: fan-out, chats of 2 (connecting the clients included)", "message", traced, perf, calls))
+        time.sleep(3)  # let the fan-out clients' disconnects finish outside the next trace
         acks = sizes["ack"] // 2
         calls = prof.syscalls(lambda: load(load_bin, "ack", url, proto, messages=acks, **s2), f"{name}-ack-strace")
         parts.append(report.profile_markdown(f"{name}: send -> ack, one client", "message", acks, None, calls))
+        time.sleep(1)
         n = sizes["calls"] // 2
         calls = prof.syscalls(lambda: load(load_bin, "call", url, proto, calls=n, **s2), f"{name}-call-strace")
         parts.append(report.profile_markdown(f"{name}: call setup", "call", n, None, calls))
