@@ -105,8 +105,9 @@ class Profile:
             tracer.send_signal(2)
             tracer.wait(30)
 
-    def perf(self, run, name):
-        """Runs `run()` under `perf record`; returns (kernel share, [(share, symbol)])."""
+    def perf(self, run, name, user_only=False):
+        """Runs `run()` under `perf record`; returns (kernel share, [(share, symbol)]), the
+        symbols of user space only with `user_only`."""
         if not have("perf"):
             return None
         data = self.workdir / f"{name}.perf"
@@ -116,6 +117,8 @@ class Profile:
         syms = subprocess.run(["perf", "report", "-i", str(data), "--stdio", "--sort", "symbol"], capture_output=True, text=True).stdout
         top = []
         for m in re.finditer(r"^\s+([\d.]+)%\s+\[([k.])\]\s+(.+?)\s*$", syms, flags=re.M):
+            if user_only and m.group(2) == "k":
+                continue
             sym = re.sub(r"\s+-\s+-\s*$", "", m.group(3)).strip()
             top.append((float(m.group(1)), ("kernel: " if m.group(2) == "k" else "") + sym[:90]))
             if len(top) == 12:
@@ -142,7 +145,8 @@ def profile_markdown(title, unit, units, perf, calls):
     lines = [f"**{title}**", ""]
     if perf:
         kernel, top = perf
-        lines.append(f"CPU samples in the kernel: {kernel:.0f} %. Top symbols (share of samples):")
+        what = "user-space symbols" if top and not any(sym.startswith("kernel: ") for _, sym in top) else "symbols"
+        lines.append(f"CPU samples in the kernel: {kernel:.0f} %. Top {what} (share of all samples):")
         lines.append("")
         lines += [f"- {share:.1f} % {sym}" for share, sym in top]
         lines.append("")

@@ -30,7 +30,7 @@ The TCP client leg (-t) is not measured: Switchboard's TURN listens on UDP only.
          it cannot rot).
 --write-docs: rewrite the TURN sections of docs/benchmarks.md, its plot, and the README line.
 --profile: one extra pass per server under perf and strace; with --write-docs, the profile
-           section of docs/benchmarks.md.
+           section of docs/benchmarks.md. --profile-only: that pass alone.
 """
 import argparse
 import itertools
@@ -256,6 +256,7 @@ def plot(curves, path, rates, required):
     ax[1].set(title="loss", xlabel="offered packets/s", ylabel="loss (%)")
     ax[2].set(title="one-way latency", xlabel="offered packets/s", ylabel="ms", yscale="log")
     for a in ax:
+        a.set_xticks(rates, [f"{r // 1000}k" for r in rates], fontsize=8)
         a.legend(fontsize=8)
         a.grid(alpha=0.3)
     fig.suptitle("TURN client to client (turn-load, 4 pairs, 100 B): medians of the rounds")
@@ -276,7 +277,10 @@ def take_profiles(servers, peer_port, load_bin, load, workdir):
         # Under strace the server falls behind and the client's counts include what the kernel
         # dropped, so count relayed packets on the server's side: one send each.
         sends = sum((calls or {}).get(c, 0) for c in ("sendto", "sendmsg", "sendmmsg"))
-        parts.append(report.profile_markdown(server.name, "relayed packet (one send each)", sends, perf, calls))
+        parts.append(report.profile_markdown(f"{server.name}: channels", "relayed packet (one send each)", sends, perf, calls))
+        # The Send-indication path differs in user space: where that time goes.
+        perf = prof.perf(lambda: uclient(server.port, peer_port, ["-s", "-m", str(load["m"]), "-n", str(load["n"]), "-l", "100", "-z", "0"]), f"{server.name}-send-perf", user_only=True)
+        parts.append(report.profile_markdown(f"{server.name}: Send indications", "", None, perf, None))
     return "\n".join(parts)
 
 
@@ -286,6 +290,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--write-docs", action="store_true")
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--profile-only", action="store_true", help="no rounds: only the profiles (with --write-docs, only their section)")
     args = ap.parse_args()
     for tool in ["turnserver", "turnutils_uclient", "turnutils_peer"]:
         if not shutil.which(tool):
@@ -338,6 +343,12 @@ def main():
     try:
         for s in servers:
             s.start()
+        if args.profile_only:
+            profiles = take_profiles(servers, peer_port, load_bin, load, tmp)
+            print(profiles)
+            if args.write_docs:
+                report.write_section("turn-profile", "", profiles)
+            return
         for s in servers if not args.smoke else []:  # warm-up round, discarded
             measure(s, fresh[s.name], peer_port, load_bin, load)
         for i in range(rounds):
