@@ -242,13 +242,9 @@ impl GateConn {
     }
 
     fn inspect(&self, data: &[u8], src: SocketAddr) -> Verdict {
-        if !is_message(data) {
+        let Some(typ) = peek_type(data) else {
             return Verdict::Pass; // ChannelData
-        }
-        // The type from the header alone (RFC 8489 §5): Send indications, the other hot path,
-        // pass without being decoded twice.
-        let mut typ = MessageType::default();
-        typ.read_value(u16::from_be_bytes([data[0], data[1]]));
+        };
         let method = typ.method;
         if typ.class != CLASS_REQUEST
             || ![
@@ -422,10 +418,10 @@ impl GateConn {
 
     /// Watches the crate's responses to learn when allocations come alive or fail.
     fn observe_outbound(&self, data: &[u8]) {
-        if !is_message(data) {
-            return;
+        if peek_type(data).is_none_or(|t| t.method != METHOD_ALLOCATE) {
+            return; // ChannelData, Data indications and other answers: nothing to decode
         }
-        let Some(m) = decode(data).filter(|m| m.typ.method == METHOD_ALLOCATE) else {
+        let Some(m) = decode(data) else {
             return;
         };
         let mut policy = self.shared.policy.lock().expect("policy lock");
@@ -449,6 +445,18 @@ impl GateConn {
                 .increment(1);
         }
     }
+}
+
+/// The type of a STUN message from its header alone (RFC 8489 §5), `None` for anything else
+/// (ChannelData). Both directions' hot paths (Send and Data indications, every one a STUN
+/// message) pass on it without a full decode.
+fn peek_type(data: &[u8]) -> Option<MessageType> {
+    if !is_message(data) {
+        return None;
+    }
+    let mut typ = MessageType::default();
+    typ.read_value(u16::from_be_bytes([data[0], data[1]]));
+    Some(typ)
 }
 
 fn decode(data: &[u8]) -> Option<Message> {
