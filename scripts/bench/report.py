@@ -12,6 +12,14 @@ ROOT = Path(__file__).resolve().parents[2]
 PLOTS = ROOT / "docs" / "bench"
 
 
+def rss_kb(pid):
+    """Resident memory of a process (VmRSS), kB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
 def machine():
     cpu = subprocess.run(["sh", "-c", "grep -m1 'model name' /proc/cpuinfo | cut -d: -f2"], capture_output=True, text=True).stdout.strip()
     return f"{os.cpu_count()} cores ({cpu}), loopback"

@@ -66,13 +66,6 @@ def cpu_seconds(pid):
     return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
 
 
-def rss_kb(pid):
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
-
-
 def wait_udp(port, timeout=15):
     """Waits until something answers a STUN Binding request on 127.0.0.1:port."""
     req = bytes([0, 1, 0, 0, 0x21, 0x12, 0xA4, 0x42]) + b"\x07" * 12
@@ -205,17 +198,17 @@ def memory(server, load_bin, load):
 def memory_of(server, load_bin, load):
     pid, port, r = server.pid, server.port, {}
     time.sleep(0.5)
-    before = rss_kb(pid)
+    before = report.rss_kb(pid)
     held = {}
-    a = turn_load(load_bin, "allocs", port, on_ready=lambda: (time.sleep(1), held.update(rss=rss_kb(pid))), count=load["allocs"], concurrency=32, hold=1)
+    a = turn_load(load_bin, "allocs", port, on_ready=lambda: (time.sleep(1), held.update(rss=report.rss_kb(pid))), count=load["allocs"], concurrency=32, hold=1)
     r["kb_per_alloc"] = (held["rss"] - before) / max(a["ok"], 1)
     r["alloc_failed"] = a["failed"]
     r["allocs_per_s"] = a["allocs_per_s"]
     # A flood of unauthenticated Allocate requests from many source ports.
-    before = rss_kb(pid)
+    before = report.rss_kb(pid)
     f = turn_load(load_bin, "flood", port, requests=load["flood"], sockets=1000, threads=16)
     time.sleep(1)
-    r["flood_mb"] = (rss_kb(pid) - before) / 1024
+    r["flood_mb"] = (report.rss_kb(pid) - before) / 1024
     r["flood_per_s"] = f["per_s"]
     return r
 

@@ -47,13 +47,6 @@ def free_port():
     return p
 
 
-def rss_kb(pid):
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
-
-
 def post(url, body, token=None):
     req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"content-type": "application/json"})
     if token:
@@ -105,7 +98,7 @@ def stop(proc):
 
 
 def idle(bin_path, url, proto, pid, conns, setup):
-    before = rss_kb(pid)
+    before = report.rss_kb(pid)
     cmd = [str(bin_path), "idle", "--url", url, "--proto", proto, "--conns", str(conns), "--hold", "8"]
     if setup:
         cmd += ["--setup", setup]
@@ -116,7 +109,7 @@ def idle(bin_path, url, proto, pid, conns, setup):
             result = dict(kv.split("=", 1) for kv in line.split()[1:])
         if line.startswith("READY"):
             time.sleep(2)  # let the server settle
-            after = rss_kb(pid)
+            after = report.rss_kb(pid)
             break
     p.wait()
     connected = int(result["connected"])
