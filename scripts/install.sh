@@ -9,7 +9,9 @@
 # --destdir (or DESTDIR=) installs into a staging root and never touches systemctl.
 # What it lays down:
 #   $PREFIX/bin/switchboard
-#   /etc/switchboard/switchboard.toml          (from turn-config/switchboard.toml, if missing)
+#   the system user and group `switchboard`    (on a live system, if missing)
+#   /etc/switchboard/switchboard.toml          (from turn-config/switchboard.toml, if missing;
+#                                               0640 root:switchboard)
 #   /etc/switchboard/credentials/{jwt_secret,turn_secret}   (0600, generated, if missing)
 #   /etc/systemd/system/switchboard.service    (ExecStart adjusted to $PREFIX)
 #   $PREFIX/share/doc/switchboard/             (operations.md, protocol.md, nginx.conf)
@@ -67,16 +69,37 @@ if [ -z "$BINARY" ]; then
 fi
 [ -x "$BINARY" ] || { echo "install.sh: $BINARY is not an executable" >&2; exit 1; }
 
+# The service runs as `switchboard` (the unit's User=, with DynamicUser's sandbox); the config
+# may hold secrets, so it is readable by root and that group only.
+if [ -z "$DESTDIR" ]; then
+    if ! getent group switchboard >/dev/null; then
+        groupadd --system switchboard
+        echo "created the system group switchboard"
+    fi
+    if ! getent passwd switchboard >/dev/null; then
+        useradd --system --gid switchboard --no-create-home --home-dir /var/lib/switchboard \
+            --shell /usr/sbin/nologin switchboard
+        echo "created the system user switchboard"
+    fi
+fi
+
 install -d -m 0755 "$DESTDIR$PREFIX/bin" "$ETC" "$DESTDIR/etc/systemd/system" "$DOC"
 # Replace the binary atomically, so a running server keeps its old inode.
 install -m 0755 "$BINARY" "$BIN.new"
 mv -f "$BIN.new" "$BIN"
 
 if [ ! -e "$ETC/switchboard.toml" ]; then
-    install -m 0644 turn-config/switchboard.toml "$ETC/switchboard.toml"
+    install -m 0640 turn-config/switchboard.toml "$ETC/switchboard.toml"
     echo "wrote $ETC/switchboard.toml (edit it, then: systemctl reload switchboard)"
 else
     echo "kept the existing $ETC/switchboard.toml"
+    # Tighten what older versions installed world-readable; leave stricter modes alone.
+    chmod o-rwx "$ETC/switchboard.toml"
+fi
+if getent group switchboard >/dev/null; then
+    chgrp switchboard "$ETC/switchboard.toml"
+else
+    echo "note: no group switchboard on this machine; on the target run: chgrp switchboard /etc/switchboard/switchboard.toml"
 fi
 install -d -m 0700 "$ETC/credentials"
 for name in jwt_secret turn_secret; do

@@ -215,6 +215,30 @@ fn secret_or_generate(configured: &str, data_dir: &Path, name: &str) -> anyhow::
     Ok(secret)
 }
 
+/// Creates the data directory (and missing parents) readable by this user only: it holds the
+/// database and the secrets. An existing directory is left as the admin made it, with a warning
+/// when others can read it.
+fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        if !dir.exists() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)?;
+        } else if std::fs::metadata(dir)?.permissions().mode() & 0o077 != 0 {
+            tracing::warn!(
+                dir = %dir.display(),
+                "the data directory is accessible to other users; consider chmod 700"
+            );
+        }
+        Ok(())
+    }
+    #[cfg(not(unix))]
+    std::fs::create_dir_all(dir)
+}
+
 #[cfg(unix)]
 fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
     use std::io::Write;
@@ -350,7 +374,7 @@ pub async fn prepare_with_tls(
     tls: Option<crate::http::tls::TlsReloader>,
 ) -> anyhow::Result<Prepared> {
     config.resolve_secrets()?;
-    std::fs::create_dir_all(&config.data_dir)
+    create_private_dir(&config.data_dir)
         .with_context(|| format!("data_dir: cannot create {}", config.data_dir.display()))?;
     let jwt_secret = secret_or_generate(&config.auth.jwt_secret, &config.data_dir, "jwt_secret")?;
     let metrics_listener = match config.http.metrics_listen {
@@ -394,7 +418,14 @@ pub async fn prepare_with_tls(
             .with_context(|| format!("cannot open the database {}", db_path.display()))?,
     );
     let dyn_store: Arc<dyn Store> = Arc::new(crate::store::timed::Timed(store.clone()));
-    let hub = Arc::new(Hub::new(config.ws.send_queue));
+    let hub = Arc::new(Hub::with_limits(
+        config.ws.send_queue,
+        crate::hub::UserLimits {
+            max_connections: config.ws.max_connections_per_user,
+            message_rate: config.ws.user_message_rate,
+            message_burst: config.ws.user_message_burst,
+        },
+    ));
     let broker = Arc::new(MemoryBroker::new(hub.clone()));
     let node = Arc::new(Node::new(
         dyn_store.clone(),

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
+use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 /// Prefix of the environment overrides (`SWITCHBOARD_HTTP__LISTEN`).
@@ -61,6 +62,10 @@ pub struct HttpConfig {
     pub max_body_bytes: usize,
     /// Serve `/metrics` on this address only (e.g. `127.0.0.1:9090`) instead of on `listen`.
     pub metrics_listen: Option<SocketAddr>,
+    /// Peers whose `X-Forwarded-For` is believed (reverse proxies). The client address is the
+    /// right-most forwarded address not in this list; it feeds throttling and logs.
+    #[serde(with = "cidr_list")]
+    pub trusted_proxies: Vec<IpNet>,
 }
 
 impl Default for HttpConfig {
@@ -71,6 +76,10 @@ impl Default for HttpConfig {
             tls_key_file: None,
             max_body_bytes: 256 * 1024,
             metrics_listen: None,
+            trusted_proxies: vec![
+                "127.0.0.0/8".parse().expect("literal CIDR"),
+                "::1/128".parse().expect("literal CIDR"),
+            ],
         }
     }
 }
@@ -106,6 +115,14 @@ pub struct AuthConfig {
     pub login_max_failures: u32,
     #[serde(with = "humantime_serde")]
     pub login_window: Duration,
+    /// Registrations allowed per client address within `register_window`; 0 disables.
+    pub register_max_per_ip: u32,
+    #[serde(with = "humantime_serde")]
+    pub register_window: Duration,
+    /// Password hashes (argon2id, 19 MiB each) computed at once; 0: one per CPU core.
+    pub hash_concurrency: usize,
+    /// Logins/registrations waiting for a hashing slot; beyond that they get 429 at once.
+    pub hash_queue: usize,
 }
 
 impl Default for AuthConfig {
@@ -123,6 +140,10 @@ impl Default for AuthConfig {
             issuer_secret_file: None,
             login_max_failures: 5,
             login_window: Duration::from_secs(15 * 60),
+            register_max_per_ip: 10,
+            register_window: Duration::from_secs(3600),
+            hash_concurrency: 0,
+            hash_queue: 32,
         }
     }
 }
@@ -207,6 +228,13 @@ pub struct WsConfig {
     pub send_queue: usize,
     /// Inbound events per second allowed per connection (burst: twice that); 0 disables.
     pub rate_limit: u32,
+    /// Live connections one user may hold (all devices and tabs); beyond, closed with 4429.
+    pub max_connections_per_user: usize,
+    /// Messages per second one user may send across all connections (each forwarded message
+    /// counts); 0 disables.
+    pub user_message_rate: u32,
+    /// Messages a user may send in a burst above `user_message_rate`.
+    pub user_message_burst: u32,
 }
 
 impl Default for WsConfig {
@@ -217,6 +245,9 @@ impl Default for WsConfig {
             max_frame_bytes: 65536,
             send_queue: 256,
             rate_limit: 50,
+            max_connections_per_user: 20,
+            user_message_rate: 20,
+            user_message_burst: 100,
         }
     }
 }
@@ -340,6 +371,23 @@ impl Config {
         }
         if self.ws.send_queue == 0 {
             return Err(bad("ws.send_queue", "must be at least 1"));
+        }
+        if self.ws.max_connections_per_user == 0 {
+            return Err(bad("ws.max_connections_per_user", "must be at least 1"));
+        }
+        if self.ws.user_message_rate > 0
+            && (self.ws.user_message_burst as usize) < crate::limits::FORWARD_MAX
+        {
+            return Err(bad(
+                "ws.user_message_burst",
+                format!(
+                    "must be at least {} (one message:forward-multiple)",
+                    crate::limits::FORWARD_MAX
+                ),
+            ));
+        }
+        if self.auth.hash_queue == 0 {
+            return Err(bad("auth.hash_queue", "must be at least 1"));
         }
         if self.ws.heartbeat_interval.is_zero() {
             return Err(bad("ws.heartbeat_interval", "must be positive"));
@@ -547,6 +595,33 @@ impl Config {
     }
 }
 
+/// A list of CIDR ranges in the config, where a bare address means just that address.
+mod cidr_list {
+    use ipnet::IpNet;
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn parse(s: &str) -> Result<IpNet, String> {
+        let s = s.trim();
+        s.parse::<IpNet>()
+            .or_else(|_| s.parse::<std::net::IpAddr>().map(IpNet::from))
+            .map_err(|_| format!("`{s}` is not an IP address or CIDR range"))
+    }
+
+    pub fn serialize<S: Serializer>(list: &[IpNet], s: S) -> Result<S::Ok, S::Error> {
+        list.iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<IpNet>, D::Error> {
+        Vec::<String>::deserialize(d)?
+            .iter()
+            .map(|s| parse(s).map_err(serde::de::Error::custom))
+            .collect()
+    }
+}
+
 /// Figment's errors name the key path and the source; make that one readable line each.
 fn describe_figment_error(e: figment::Error) -> String {
     e.into_iter()
@@ -670,6 +745,26 @@ mod tests {
                 ),
             }
         }
+    }
+
+    #[test]
+    fn trusted_proxies_take_ranges_and_addresses() {
+        let c = load_toml("[http]\ntrusted_proxies = [\"10.0.0.0/8\", \"192.0.2.1\", \"::1\"]\n")
+            .unwrap();
+        let list: Vec<String> = c
+            .http
+            .trusted_proxies
+            .iter()
+            .map(|n| n.to_string())
+            .collect();
+        assert_eq!(list, ["10.0.0.0/8", "192.0.2.1/32", "::1/128"]);
+        let err = load_toml("[http]\ntrusted_proxies = [\"nope\"]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("http.trusted_proxies") && err.contains("nope"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -14,6 +14,7 @@ pub enum ErrorCode {
     NotFound,
     Conflict,
     TooLarge,
+    UnsupportedMediaType,
     RateLimited,
     Internal,
 }
@@ -27,6 +28,7 @@ impl ErrorCode {
             ErrorCode::NotFound => 404,
             ErrorCode::Conflict => 409,
             ErrorCode::TooLarge => 413,
+            ErrorCode::UnsupportedMediaType => 415,
             ErrorCode::RateLimited => 429,
             ErrorCode::Internal => 500,
         }
@@ -40,6 +42,7 @@ impl ErrorCode {
             ErrorCode::NotFound => "not_found",
             ErrorCode::Conflict => "conflict",
             ErrorCode::TooLarge => "too_large",
+            ErrorCode::UnsupportedMediaType => "unsupported_media_type",
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::Internal => "internal",
         }

@@ -20,6 +20,7 @@ pub mod config;
 pub mod error;
 pub mod http;
 pub mod hub;
+pub mod limits;
 pub mod store;
 pub mod telemetry;
 pub mod time;

@@ -16,6 +16,8 @@ use switchboard::telemetry::LogReload;
 
 /// Exit code for configuration errors (sysexits EX_CONFIG).
 const EXIT_CONFIG: u8 = 78;
+/// Threads of tokio's blocking pool at most.
+const MAX_BLOCKING_THREADS: usize = 32;
 
 #[derive(Parser)]
 #[command(
@@ -80,6 +82,9 @@ fn main() -> ExitCode {
 fn runtime(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        // The blocking pool runs password hashes (bounded by auth.hash_concurrency) and file
+        // work; tokio's default of 512 threads would let a burst pin gigabytes of stacks.
+        .max_blocking_threads(MAX_BLOCKING_THREADS)
         .build()
     {
         Ok(rt) => rt,

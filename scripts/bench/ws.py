@@ -152,6 +152,8 @@ def main():
         "SWITCHBOARD_HTTP__LISTEN": f"127.0.0.1:{hport}",
         "SWITCHBOARD_TURN__ENABLED": "false",
         "SWITCHBOARD_WS__RATE_LIMIT": "0",  # the per-connection abuse guard would throttle the load
+        "SWITCHBOARD_WS__USER_MESSAGE_RATE": "0",  # so would the per-user one (the ack test is one sender)
+        "SWITCHBOARD_AUTH__REGISTER_MAX_PER_IP": "0",  # every load user registers from 127.0.0.1
         "SWITCHBOARD_LOG__LEVEL": "warn",
     })
     base = f"http://127.0.0.1:{hport}"

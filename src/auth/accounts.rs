@@ -1,23 +1,26 @@
 //! Register, login, refresh-token rotation with theft detection, and token authentication
 //! (creating users of a trusted external issuer on first sight).
 
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use super::jwt::{Identity, JwtError, JwtKeys};
-use super::passwords;
-use super::throttle::Throttle;
+use super::passwords::{self, HashError, Hasher};
+use super::throttle::{address_key, Throttle};
 use crate::config::AuthConfig;
 use crate::error::ApiError;
-use crate::store::{NewUser, RefreshOutcome, Store, StoreError, User, UserRecord};
+use crate::store::{
+    NewUser, NextRefreshToken, RefreshOutcome, Store, StoreError, User, UserRecord,
+};
 use crate::time::now_ms;
 
-/// Failed logins per client IP allowed for every one allowed per username.
+/// Failed logins per client address allowed for every one allowed per username.
 const IP_FAILURE_FACTOR: u32 = 4;
-/// Most throttle entries kept in memory.
-const THROTTLE_MAX_KEYS: usize = 100_000;
+/// Keys per generation of each throttle (at most twice that are held; see [`Throttle`]).
+const THROTTLE_GENERATION: usize = 50_000;
 const MAX_PASSWORD_BYTES: usize = 1024;
 const MAX_DISPLAY_NAME_CHARS: usize = 64;
 
@@ -42,8 +45,31 @@ pub struct Accounts {
     store: Arc<dyn Store>,
     keys: JwtKeys,
     config: AuthConfig,
-    by_user: Mutex<Throttle>,
-    by_ip: Mutex<Throttle>,
+    /// Both login throttles under one lock: an attempt is checked against both and counted in
+    /// both, or in neither.
+    throttles: Mutex<Throttles>,
+    hasher: Hasher,
+}
+
+struct Throttles {
+    /// Login attempts per username.
+    by_user: Throttle,
+    /// Login attempts per client address (IPv6: per /64).
+    by_ip: Throttle,
+    /// Registrations per client address.
+    register_by_ip: Throttle,
+}
+
+/// What a refused hash becomes for the client.
+fn hash_refused(e: HashError) -> ApiError {
+    match e {
+        HashError::Busy => {
+            let mut err = ApiError::rate_limited(1);
+            err.message = "the server is busy checking passwords; retry in a second".into();
+            err
+        }
+        HashError::Failed => ApiError::internal(),
+    }
 }
 
 fn now_secs() -> i64 {
@@ -78,16 +104,20 @@ impl Accounts {
     pub fn new(store: Arc<dyn Store>, keys: JwtKeys, config: AuthConfig) -> Self {
         let window = config.login_window.as_millis() as i64;
         Self {
-            by_user: Mutex::new(Throttle::new(
-                config.login_max_failures,
-                window,
-                THROTTLE_MAX_KEYS,
-            )),
-            by_ip: Mutex::new(Throttle::new(
-                config.login_max_failures.saturating_mul(IP_FAILURE_FACTOR),
-                window,
-                THROTTLE_MAX_KEYS,
-            )),
+            throttles: Mutex::new(Throttles {
+                by_user: Throttle::new(config.login_max_failures, window, THROTTLE_GENERATION),
+                by_ip: Throttle::new(
+                    config.login_max_failures.saturating_mul(IP_FAILURE_FACTOR),
+                    window,
+                    THROTTLE_GENERATION,
+                ),
+                register_by_ip: Throttle::new(
+                    config.register_max_per_ip,
+                    config.register_window.as_millis() as i64,
+                    THROTTLE_GENERATION,
+                ),
+            }),
+            hasher: Hasher::new(config.hash_concurrency, config.hash_queue),
             store,
             keys,
             config,
@@ -98,17 +128,30 @@ impl Accounts {
         &self.store
     }
 
+    /// Creates an account for a request from `client`.
     pub async fn register(
         &self,
         username: &str,
         password: &str,
         display_name: Option<&str>,
+        client: IpAddr,
     ) -> Result<AuthResponse, ApiError> {
         if !self.config.allow_registration {
             return Err(ApiError::forbidden("registration is disabled"));
         }
         validate_username(username)?;
         validate_password(password)?;
+        if self.config.register_max_per_ip > 0 {
+            let key = address_key(client);
+            let now = now_ms();
+            let mut t = self.throttles.lock().expect("throttle lock");
+            if let Some(retry_ms) = t.register_by_ip.check(&key, now) {
+                metrics::counter!("switchboard_auth_refused_total", "kind" => "register_rate")
+                    .increment(1);
+                return Err(ApiError::rate_limited((retry_ms as u64).div_ceil(1000)));
+            }
+            t.register_by_ip.record(&key, now);
+        }
         let display_name = match display_name.map(str::trim) {
             Some(d) if !d.is_empty() => {
                 if d.chars().count() > MAX_DISPLAY_NAME_CHARS {
@@ -118,10 +161,11 @@ impl Accounts {
             }
             _ => username.to_owned(),
         };
-        let password = password.to_owned();
-        let hash = tokio::task::spawn_blocking(move || passwords::hash(&password))
+        let hash = self
+            .hasher
+            .hash(password.to_owned())
             .await
-            .map_err(|_| ApiError::internal())?;
+            .map_err(hash_refused)?;
         let user = self
             .store
             .create_user(NewUser {
@@ -140,67 +184,95 @@ impl Accounts {
         self.issue_pair(&user, new_id()).await
     }
 
+    /// Logs in a request from `client`. The attempt is counted against the username and the
+    /// address *before* the password is checked, so parallel guesses cannot all get through
+    /// before the first failure is recorded; a success takes its attempt back.
     pub async fn login(
         &self,
         username: &str,
         password: &str,
-        ip: &str,
+        client: IpAddr,
     ) -> Result<AuthResponse, ApiError> {
-        let now = now_ms();
         let user_key = username.to_ascii_lowercase();
-        for (throttle, key) in [(&self.by_user, user_key.as_str()), (&self.by_ip, ip)] {
-            let locked = throttle.lock().expect("throttle lock").check(key, now);
+        // A name that could never exist is not worth a hash, nor a throttle entry.
+        validate_username(&user_key)?;
+        let ip_key = address_key(client);
+        let started = now_ms();
+        {
+            let mut t = self.throttles.lock().expect("throttle lock");
+            let locked = t
+                .by_user
+                .check(&user_key, started)
+                .or_else(|| t.by_ip.check(&ip_key, started));
             if let Some(retry_ms) = locked {
+                metrics::counter!("switchboard_auth_refused_total", "kind" => "login_rate")
+                    .increment(1);
                 return Err(ApiError::rate_limited((retry_ms as u64).div_ceil(1000)));
             }
+            t.by_user.record(&user_key, started);
+            t.by_ip.record(&ip_key, started);
         }
+        let take_back = |clear_user: bool| {
+            let mut t = self.throttles.lock().expect("throttle lock");
+            if clear_user {
+                t.by_user.clear(&user_key);
+            } else {
+                t.by_user.undo(&user_key, started);
+            }
+            t.by_ip.undo(&ip_key, started);
+        };
         let user = match self.store.user_by_username(&user_key).await {
             Ok(u) => Some(u),
             Err(StoreError::NotFound) => None,
-            Err(e) => return Err(e.into()),
+            Err(e) => {
+                take_back(false);
+                return Err(e.into());
+            }
         };
         let phc = user
             .as_ref()
             .and_then(|u| u.password_hash.clone())
             .unwrap_or_else(|| passwords::dummy_hash().to_owned());
-        let password = password.to_owned();
-        let ok = tokio::task::spawn_blocking(move || passwords::verify(&password, &phc))
-            .await
-            .map_err(|_| ApiError::internal())?;
+        let ok = match self.hasher.verify(password.to_owned(), phc).await {
+            Ok(ok) => ok,
+            Err(e) => {
+                // Not checked at all: it does not count as a guess.
+                take_back(false);
+                return Err(hash_refused(e));
+            }
+        };
         match user {
             Some(user) if ok && user.password_hash.is_some() => {
-                self.by_user
-                    .lock()
-                    .expect("throttle lock")
-                    .record_success(&user_key);
+                take_back(true);
                 self.issue_pair(&user, new_id()).await
             }
             _ => {
                 metrics::counter!("switchboard_auth_failures_total", "kind" => "login")
                     .increment(1);
-                let now = now_ms();
-                self.by_user
-                    .lock()
-                    .expect("throttle lock")
-                    .record_failure(&user_key, now);
-                self.by_ip
-                    .lock()
-                    .expect("throttle lock")
-                    .record_failure(ip, now);
+                tracing::debug!(client = %client, "failed login");
                 Err(ApiError::unauthorized("invalid username or password"))
             }
         }
     }
 
     pub async fn refresh(&self, refresh_token: &str) -> Result<AuthResponse, ApiError> {
-        match self
+        let (next, next_hash) = new_refresh_token()?;
+        let expires_at = now_ms() + self.config.refresh_ttl.as_millis() as i64;
+        let outcome = self
             .store
-            .use_refresh_token(&token_hash(refresh_token), now_ms())
-            .await?
-        {
-            RefreshOutcome::Rotated { user_id, family_id } => {
+            .rotate_refresh_token(
+                &token_hash(refresh_token),
+                NextRefreshToken {
+                    token_hash: next_hash,
+                    expires_at,
+                },
+                now_ms(),
+            )
+            .await?;
+        match outcome {
+            RefreshOutcome::Rotated { user_id, .. } => {
                 let user = self.store.user_by_id(&user_id).await?;
-                self.issue_pair(&user, family_id).await
+                Ok(self.response(&user, next))
             }
             RefreshOutcome::Reused => {
                 metrics::counter!("switchboard_auth_failures_total", "kind" => "refresh_reuse")
@@ -223,6 +295,7 @@ impl Accounts {
         });
         let identity = identity.map_err(|e| match e {
             JwtError::Expired => ApiError::unauthorized("token expired"),
+            JwtError::NotYetValid => ApiError::unauthorized("token not yet valid"),
             JwtError::Invalid(_) => ApiError::unauthorized("token invalid"),
         })?;
         let expires_at = identity.expires_at();
@@ -293,35 +366,42 @@ impl Accounts {
         ))
     }
 
+    /// A new login (a new refresh-token family) for `user`.
     async fn issue_pair(
         &self,
         user: &UserRecord,
         family_id: String,
     ) -> Result<AuthResponse, ApiError> {
-        let now = now_secs();
-        let ttl = self.config.access_ttl.as_secs() as i64;
-        let access_token = self.keys.issue(&user.id, &user.display_name, now, ttl);
-        let mut raw = [0u8; 32];
-        getrandom::fill(&mut raw).map_err(|_| ApiError::internal())?;
-        let refresh_token =
-            base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, raw);
+        let (refresh_token, hash) = new_refresh_token()?;
         let expires_at = now_ms() + self.config.refresh_ttl.as_millis() as i64;
         self.store
-            .insert_refresh_token(
-                &token_hash(&refresh_token),
-                &user.id,
-                &family_id,
-                expires_at,
-                now_ms(),
-            )
+            .insert_refresh_token(&hash, &user.id, &family_id, expires_at, now_ms())
             .await?;
-        Ok(AuthResponse {
+        Ok(self.response(user, refresh_token))
+    }
+
+    /// The response carrying a fresh access token and `refresh_token` (already stored).
+    fn response(&self, user: &UserRecord, refresh_token: String) -> AuthResponse {
+        let ttl = self.config.access_ttl.as_secs() as i64;
+        let access_token = self
+            .keys
+            .issue(&user.id, &user.display_name, now_secs(), ttl);
+        AuthResponse {
             user: user.to_wire(false),
             access_token,
             refresh_token,
             expires_in: ttl as u64,
-        })
+        }
     }
+}
+
+/// A random refresh token and the hash the store keeps of it.
+fn new_refresh_token() -> Result<(String, String), ApiError> {
+    let mut raw = [0u8; 32];
+    getrandom::fill(&mut raw).map_err(|_| ApiError::internal())?;
+    let token = base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, raw);
+    let hash = token_hash(&token);
+    Ok((token, hash))
 }
 
 fn validate_password(password: &str) -> Result<(), ApiError> {

@@ -7,7 +7,8 @@
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 
-/// Seconds of clock skew tolerated on `exp`/`nbf` of external tokens.
+/// Seconds of clock skew tolerated on `exp`/`nbf` of external tokens (RFC 7519 §4.1.4-5 allow
+/// "some small leeway"; ours are checked exactly: we minted them with this clock).
 const EXTERNAL_LEEWAY_SECS: i64 = 30;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -16,6 +17,9 @@ pub struct Claims {
     pub exp: i64,
     #[serde(default)]
     pub iat: i64,
+    /// Not before (RFC 7519 §4.1.5): we never set it, external issuers may.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbf: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -50,6 +54,8 @@ impl Identity {
 pub enum JwtError {
     #[error("token expired")]
     Expired,
+    #[error("token not yet valid")]
+    NotYetValid,
     #[error("token invalid: {0}")]
     Invalid(String),
 }
@@ -131,6 +137,7 @@ impl JwtKeys {
             sub: user_id.to_owned(),
             exp: now + ttl_secs,
             iat: now,
+            nbf: None,
             name: Some(name.to_owned()),
             iss: None,
             preferred_username: None,
@@ -146,6 +153,9 @@ impl JwtKeys {
             Ok(data) if data.claims.iss.is_none() => {
                 if data.claims.exp <= now {
                     return Err(JwtError::Expired);
+                }
+                if data.claims.nbf.is_some_and(|nbf| nbf > now) {
+                    return Err(JwtError::NotYetValid);
                 }
                 return Ok(Identity::Local {
                     user_id: data.claims.sub,
@@ -165,6 +175,9 @@ impl JwtKeys {
         let c = data.claims;
         if c.exp + EXTERNAL_LEEWAY_SECS <= now {
             return Err(JwtError::Expired);
+        }
+        if c.nbf.is_some_and(|nbf| nbf > now + EXTERNAL_LEEWAY_SECS) {
+            return Err(JwtError::NotYetValid);
         }
         Ok(Identity::External {
             subject: format!("{}|{}", ext.issuer, c.sub),
@@ -269,5 +282,32 @@ mod tests {
         )
         .unwrap();
         assert!(keys.verify(&ours_with_iss, NOW).is_err());
+    }
+
+    #[test]
+    fn nbf_is_checked_with_the_leeway_of_exp() {
+        let keys = JwtKeys::new(b"ours").with_external_secret("https://idp", "", b"theirs");
+        let sign = |nbf: i64| {
+            jsonwebtoken::encode(
+                &Header::new(Algorithm::HS256),
+                &serde_json::json!({"sub": "42", "exp": NOW + 600, "iss": "https://idp", "nbf": nbf}),
+                &EncodingKey::from_secret(b"theirs"),
+            )
+            .unwrap()
+        };
+        assert_eq!(
+            keys.verify(&sign(NOW + EXTERNAL_LEEWAY_SECS + 1), NOW),
+            Err(JwtError::NotYetValid)
+        );
+        assert!(keys.verify(&sign(NOW + EXTERNAL_LEEWAY_SECS), NOW).is_ok());
+        assert!(keys.verify(&sign(NOW - 100), NOW).is_ok());
+        let ours = jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &serde_json::json!({"sub": "u1", "exp": NOW + 600, "nbf": NOW + 5}),
+            &EncodingKey::from_secret(b"ours"),
+        )
+        .unwrap();
+        assert_eq!(keys.verify(&ours, NOW), Err(JwtError::NotYetValid));
+        assert!(keys.verify(&ours, NOW + 5).is_ok());
     }
 }

@@ -11,7 +11,7 @@ use tokio_util::task::TaskTracker;
 
 use super::machine::{CallErrorCode, CallSummary, Command, EndReason, Initiate, Machine};
 use crate::hub::node::Node;
-use crate::hub::{Envelope, Outbound};
+use crate::hub::{ConnId, Envelope, Outbound};
 use crate::store::{CallMeta, CallRecord, NewMessage};
 use crate::time::now_ms;
 use crate::ws::protocol::push;
@@ -50,15 +50,15 @@ pub enum Signal {
 enum Input {
     Up {
         user: String,
-        conn: u64,
+        conn: ConnId,
     },
     Down {
         user: String,
-        conn: u64,
+        conn: ConnId,
     },
     Signal {
         user: String,
-        conn: u64,
+        conn: ConnId,
         signal: Signal,
         reply: oneshot::Sender<Result<String, CallErrorCode>>,
     },
@@ -88,7 +88,7 @@ impl Calls {
         (Calls { tx }, task)
     }
 
-    pub async fn connection_up(&self, user: &str, conn: u64) {
+    pub async fn connection_up(&self, user: &str, conn: ConnId) {
         let _ = self
             .tx
             .send(Input::Up {
@@ -98,7 +98,7 @@ impl Calls {
             .await;
     }
 
-    pub async fn connection_down(&self, user: &str, conn: u64) {
+    pub async fn connection_down(&self, user: &str, conn: ConnId) {
         let _ = self
             .tx
             .send(Input::Down {
@@ -112,7 +112,7 @@ impl Calls {
     pub async fn signal(
         &self,
         user: &str,
-        conn: u64,
+        conn: ConnId,
         signal: Signal,
     ) -> Result<String, CallErrorCode> {
         let (reply, rx) = oneshot::channel();

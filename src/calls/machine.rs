@@ -14,6 +14,8 @@ use std::collections::{BTreeSet, HashMap, VecDeque};
 
 use serde_json::{json, Value};
 
+pub use crate::hub::ConnId;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CallType {
     Audio,
@@ -93,7 +95,7 @@ pub enum Command {
     /// Push `event` with `data` to one connection of `user`.
     Send {
         user: String,
-        conn: u64,
+        conn: ConnId,
         event: &'static str,
         data: Value,
     },
@@ -129,7 +131,7 @@ pub struct Initiate {
 enum Phase {
     /// Callee connections currently ringing.
     Ringing {
-        devices: BTreeSet<u64>,
+        devices: BTreeSet<ConnId>,
     },
     Active {
         answered_at: i64,
@@ -141,7 +143,7 @@ enum Phase {
 struct Party {
     user: String,
     /// `None` while the party's connection is gone (inside the reconnect grace).
-    conn: Option<u64>,
+    conn: Option<ConnId>,
     /// When the grace runs out.
     away_until: Option<i64>,
 }
@@ -164,7 +166,7 @@ struct Call {
 
 impl Call {
     /// The caller's connection, while it is there.
-    fn caller_targets(&self) -> Vec<(String, u64)> {
+    fn caller_targets(&self) -> Vec<(String, ConnId)> {
         let user = &self.caller.user;
         self.caller
             .conn
@@ -174,7 +176,7 @@ impl Call {
     }
 
     /// The callee's connections in the call: every ringing device, then the answering one.
-    fn callee_targets(&self) -> Vec<(String, u64)> {
+    fn callee_targets(&self) -> Vec<(String, ConnId)> {
         let user = &self.callee.user;
         match &self.phase {
             Phase::Ringing { devices } => devices.iter().map(|d| (user.clone(), *d)).collect(),
@@ -192,7 +194,7 @@ pub struct Machine {
     ring_timeout_ms: i64,
     grace_ms: i64,
     /// Live connections per user.
-    online: HashMap<String, BTreeSet<u64>>,
+    online: HashMap<String, BTreeSet<ConnId>>,
     calls: HashMap<String, Call>,
     /// Engaged users → their call.
     by_user: HashMap<String, String>,
@@ -226,7 +228,7 @@ impl Machine {
         self.calls.len()
     }
 
-    fn send(&mut self, user: &str, conn: u64, event: &'static str, data: Value) {
+    fn send(&mut self, user: &str, conn: ConnId, event: &'static str, data: Value) {
         self.commands.push_back(Command::Send {
             user: user.to_owned(),
             conn,
@@ -235,7 +237,7 @@ impl Machine {
         });
     }
 
-    fn send_each(&mut self, targets: Vec<(String, u64)>, event: &'static str, data: &Value) {
+    fn send_each(&mut self, targets: Vec<(String, ConnId)>, event: &'static str, data: &Value) {
         for (user, conn) in targets {
             self.send(&user, conn, event, data.clone());
         }
@@ -299,7 +301,7 @@ impl Machine {
 
     // ---------------------------------------------------------------- connections
 
-    pub fn connection_up(&mut self, user: &str, conn: u64, now: i64) {
+    pub fn connection_up(&mut self, user: &str, conn: ConnId, now: i64) {
         let _ = now;
         self.online.entry(user.to_owned()).or_default().insert(conn);
         // A callee who (re)connects while being called rings on the new device too, so a page
@@ -321,7 +323,7 @@ impl Machine {
         }
     }
 
-    pub fn connection_down(&mut self, user: &str, conn: u64, now: i64) {
+    pub fn connection_down(&mut self, user: &str, conn: ConnId, now: i64) {
         if let Some(set) = self.online.get_mut(user) {
             set.remove(&conn);
             if set.is_empty() {
@@ -369,7 +371,13 @@ impl Machine {
 
     // ---------------------------------------------------------------- signals
 
-    pub fn initiate(&mut self, caller: &str, conn: u64, req: Initiate, now: i64) -> Result<String> {
+    pub fn initiate(
+        &mut self,
+        caller: &str,
+        conn: ConnId,
+        req: Initiate,
+        now: i64,
+    ) -> Result<String> {
         if let Some(current) = self.by_user.get(caller).and_then(|id| self.calls.get(id)) {
             // Glare: both call each other at once. The call that reached the server first
             // survives; the second caller is already ringing with it, so they hear `busy`.
@@ -382,7 +390,7 @@ impl Machine {
                 CallErrorCode::CallerBusy
             });
         }
-        let devices: BTreeSet<u64> = match self.online.get(&req.callee_id) {
+        let devices: BTreeSet<ConnId> = match self.online.get(&req.callee_id) {
             Some(set) if !set.is_empty() => set.clone(),
             _ => return Err(CallErrorCode::Offline),
         };
@@ -424,7 +432,7 @@ impl Machine {
     pub fn answer(
         &mut self,
         user: &str,
-        conn: u64,
+        conn: ConnId,
         chat_id: &str,
         answer: Value,
         now: i64,
@@ -452,7 +460,7 @@ impl Machine {
         Ok(id)
     }
 
-    pub fn reject(&mut self, user: &str, conn: u64, chat_id: &str, now: i64) -> Result<String> {
+    pub fn reject(&mut self, user: &str, conn: ConnId, chat_id: &str, now: i64) -> Result<String> {
         let id = self.call_of(user, chat_id)?;
         let call = self.calls.get(&id).expect("indexed call exists");
         let devices = match &call.phase {
@@ -474,7 +482,7 @@ impl Machine {
 
     /// `call:end` from either party: `cancelled` while ringing (a callee's end while ringing is
     /// a reject), `ended` once active.
-    pub fn end(&mut self, user: &str, conn: u64, chat_id: &str, now: i64) -> Result<String> {
+    pub fn end(&mut self, user: &str, conn: ConnId, chat_id: &str, now: i64) -> Result<String> {
         let id = self.call_of(user, chat_id)?;
         let call = self.calls.get(&id).expect("indexed call exists");
         let is_caller = call.caller.user == user;
@@ -509,7 +517,7 @@ impl Machine {
     pub fn ice_candidate(
         &mut self,
         user: &str,
-        conn: u64,
+        conn: ConnId,
         chat_id: &str,
         candidate: Value,
     ) -> Result<String> {
@@ -540,7 +548,7 @@ impl Machine {
     pub fn renegotiate(
         &mut self,
         user: &str,
-        conn: u64,
+        conn: ConnId,
         chat_id: &str,
         description: Value,
     ) -> Result<String> {
@@ -571,7 +579,7 @@ impl Machine {
     pub fn resume(
         &mut self,
         user: &str,
-        conn: u64,
+        conn: ConnId,
         chat_id: &str,
         call_id: &str,
     ) -> Result<String> {

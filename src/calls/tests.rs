@@ -16,7 +16,12 @@ fn drain(m: &mut Machine) -> Vec<Command> {
     std::iter::from_fn(|| m.poll_command()).collect()
 }
 
-fn send(user: &str, conn: u64, event: &'static str, data: Value) -> Command {
+/// Connection `n` (real ones are UUIDv7s; any distinct ids do here).
+fn conn(n: u128) -> ConnId {
+    ConnId::from_u128(n)
+}
+
+fn send(user: &str, conn: ConnId, event: &'static str, data: Value) -> Command {
     Command::Send {
         user: user.into(),
         conn,
@@ -74,17 +79,20 @@ fn initiate(call: &str, callee: &str) -> Initiate {
 /// A (conn 1) online, B online on conns 2 and 3, C on conn 7; A calls B at t=0.
 fn ringing() -> Machine {
     let mut m = machine();
-    m.connection_up("a", 1, 0);
-    m.connection_up("b", 2, 0);
-    m.connection_up("b", 3, 0);
-    m.connection_up("c", 7, 0);
+    m.connection_up("a", conn(1), 0);
+    m.connection_up("b", conn(2), 0);
+    m.connection_up("b", conn(3), 0);
+    m.connection_up("c", conn(7), 0);
     assert!(drain(&mut m).is_empty());
-    assert_eq!(m.initiate("a", 1, initiate("k1", "b"), 0), Ok("k1".into()));
+    assert_eq!(
+        m.initiate("a", conn(1), initiate("k1", "b"), 0),
+        Ok("k1".into())
+    );
     assert_eq!(
         drain(&mut m),
         vec![
-            send("b", 2, "call:offer", offer_push("k1")),
-            send("b", 3, "call:offer", offer_push("k1"))
+            send("b", conn(2), "call:offer", offer_push("k1")),
+            send("b", conn(3), "call:offer", offer_push("k1"))
         ]
     );
     m
@@ -95,7 +103,7 @@ fn active() -> Machine {
     let mut m = ringing();
     let answer = json!({"type": "answer", "sdp": "v=0 answer"});
     assert_eq!(
-        m.answer("b", 2, "chat-ab", answer.clone(), 1000),
+        m.answer("b", conn(2), "chat-ab", answer.clone(), 1000),
         Ok("k1".into())
     );
     assert_eq!(
@@ -103,11 +111,11 @@ fn active() -> Machine {
         vec![
             send(
                 "a",
-                1,
+                conn(1),
                 "call:answer",
                 json!({"chatId": "chat-ab", "callId": "k1", "answer": answer})
             ),
-            send("b", 3, "call:end", end("k1", "answered_elsewhere")),
+            send("b", conn(3), "call:end", end("k1", "answered_elsewhere")),
         ]
     );
     m
@@ -118,69 +126,70 @@ fn successful_call_relays_candidates_and_ends() {
     let mut m = ringing();
     // While ringing, the caller's candidates go to every ringing device.
     assert_eq!(
-        m.ice_candidate("a", 1, "chat-ab", json!("cand-a1")),
+        m.ice_candidate("a", conn(1), "chat-ab", json!("cand-a1")),
         Ok("k1".into())
     );
     let c = json!({"chatId": "chat-ab", "callId": "k1", "candidate": "cand-a1", "from": "a"});
     assert_eq!(
         drain(&mut m),
         vec![
-            send("b", 2, "call:ice-candidate", c.clone()),
-            send("b", 3, "call:ice-candidate", c)
+            send("b", conn(2), "call:ice-candidate", c.clone()),
+            send("b", conn(3), "call:ice-candidate", c)
         ]
     );
     // A ringing device may send its own candidates to the caller.
     assert_eq!(
-        m.ice_candidate("b", 3, "chat-ab", json!("cand-b3")),
+        m.ice_candidate("b", conn(3), "chat-ab", json!("cand-b3")),
         Ok("k1".into())
     );
     assert_eq!(
         drain(&mut m),
         vec![send(
             "a",
-            1,
+            conn(1),
             "call:ice-candidate",
             json!({"chatId": "chat-ab", "callId": "k1", "candidate": "cand-b3", "from": "b"})
         )]
     );
     let answer = json!({"type": "answer", "sdp": "v=0 answer"});
-    m.answer("b", 2, "chat-ab", answer.clone(), 1000).unwrap();
+    m.answer("b", conn(2), "chat-ab", answer.clone(), 1000)
+        .unwrap();
     assert_eq!(
         drain(&mut m),
         vec![
             send(
                 "a",
-                1,
+                conn(1),
                 "call:answer",
                 json!({"chatId": "chat-ab", "callId": "k1", "answer": answer})
             ),
-            send("b", 3, "call:end", end("k1", "answered_elsewhere")),
+            send("b", conn(3), "call:end", end("k1", "answered_elsewhere")),
         ]
     );
     // Then only the answering device gets the caller's candidates.
-    m.ice_candidate("a", 1, "chat-ab", json!("cand-a2"))
+    m.ice_candidate("a", conn(1), "chat-ab", json!("cand-a2"))
         .unwrap();
     assert_eq!(
         drain(&mut m),
         vec![send(
             "b",
-            2,
+            conn(2),
             "call:ice-candidate",
             json!({"chatId": "chat-ab", "callId": "k1", "candidate": "cand-a2", "from": "a"})
         )]
     );
     // The other device is out of the call now.
     assert_eq!(
-        m.ice_candidate("b", 3, "chat-ab", json!("x")),
+        m.ice_candidate("b", conn(3), "chat-ab", json!("x")),
         Err(CallErrorCode::NoSuchCall)
     );
     assert!(drain(&mut m).is_empty());
     assert_eq!(m.poll_timeout(), None, "no ring timer once answered");
-    assert_eq!(m.end("b", 2, "chat-ab", 61_000), Ok("k1".into()));
+    assert_eq!(m.end("b", conn(2), "chat-ab", 61_000), Ok("k1".into()));
     assert_eq!(
         drain(&mut m),
         vec![
-            send("a", 1, "call:end", end("k1", "ended")),
+            send("a", conn(1), "call:end", end("k1", "ended")),
             summary("k1", 0, Some(1000), 61_000, EndReason::Ended)
         ]
     );
@@ -193,29 +202,29 @@ fn initiate_checks_in_order() {
     let mut m = ringing();
     // The caller is engaged.
     assert_eq!(
-        m.initiate("a", 1, initiate("k2", "c"), 5),
+        m.initiate("a", conn(1), initiate("k2", "c"), 5),
         Err(CallErrorCode::CallerBusy)
     );
     // The callee has no live connection.
-    m.connection_up("d", 8, 5);
+    m.connection_up("d", conn(8), 5);
     assert_eq!(
-        m.initiate("d", 8, initiate("k3", "e"), 5),
+        m.initiate("d", conn(8), initiate("k3", "e"), 5),
         Err(CallErrorCode::Offline)
     );
     // The callee is engaged (ringing counts).
     assert_eq!(
-        m.initiate("c", 7, initiate("k4", "b"), 5),
+        m.initiate("c", conn(7), initiate("k4", "b"), 5),
         Err(CallErrorCode::Busy)
     );
     assert_eq!(
-        m.initiate("c", 7, initiate("k5", "a"), 5),
+        m.initiate("c", conn(7), initiate("k5", "a"), 5),
         Err(CallErrorCode::Busy)
     );
     // Offline wins over busy: both are about the callee, offline is checked first.
-    m.connection_down("b", 2, 6);
-    m.connection_down("b", 3, 6);
+    m.connection_down("b", conn(2), 6);
+    m.connection_down("b", conn(3), 6);
     assert_eq!(
-        m.initiate("c", 7, initiate("k6", "b"), 7),
+        m.initiate("c", conn(7), initiate("k6", "b"), 7),
         Err(CallErrorCode::Offline)
     );
     assert!(drain(&mut m).is_empty(), "failed initiates change nothing");
@@ -228,7 +237,7 @@ fn glare_keeps_the_first_call_and_the_second_caller_hears_busy() {
     assert_eq!(
         m.initiate(
             "b",
-            2,
+            conn(2),
             Initiate {
                 callee_id: "a".into(),
                 ..initiate("k9", "a")
@@ -240,18 +249,21 @@ fn glare_keeps_the_first_call_and_the_second_caller_hears_busy() {
     assert!(drain(&mut m).is_empty());
     assert_eq!(m.active_calls(), 1);
     // A's call is intact: B can answer it.
-    assert_eq!(m.answer("b", 2, "chat-ab", json!({}), 20), Ok("k1".into()));
+    assert_eq!(
+        m.answer("b", conn(2), "chat-ab", json!({}), 20),
+        Ok("k1".into())
+    );
 }
 
 #[test]
 fn reject_tells_the_caller_and_the_other_devices() {
     let mut m = ringing();
-    assert_eq!(m.reject("b", 3, "chat-ab", 4000), Ok("k1".into()));
+    assert_eq!(m.reject("b", conn(3), "chat-ab", 4000), Ok("k1".into()));
     assert_eq!(
         drain(&mut m),
         vec![
-            send("a", 1, "call:rejected", ids("k1")),
-            send("b", 2, "call:end", end("k1", "rejected")),
+            send("a", conn(1), "call:rejected", ids("k1")),
+            send("b", conn(2), "call:end", end("k1", "rejected")),
             summary("k1", 0, None, 4000, EndReason::Rejected),
         ]
     );
@@ -261,12 +273,12 @@ fn reject_tells_the_caller_and_the_other_devices() {
 #[test]
 fn caller_cancels_while_ringing() {
     let mut m = ringing();
-    assert_eq!(m.end("a", 1, "chat-ab", 3000), Ok("k1".into()));
+    assert_eq!(m.end("a", conn(1), "chat-ab", 3000), Ok("k1".into()));
     assert_eq!(
         drain(&mut m),
         vec![
-            send("b", 2, "call:end", end("k1", "cancelled")),
-            send("b", 3, "call:end", end("k1", "cancelled")),
+            send("b", conn(2), "call:end", end("k1", "cancelled")),
+            send("b", conn(3), "call:end", end("k1", "cancelled")),
             summary("k1", 0, None, 3000, EndReason::Cancelled),
         ]
     );
@@ -275,12 +287,12 @@ fn caller_cancels_while_ringing() {
 #[test]
 fn callee_end_while_ringing_is_a_reject() {
     let mut m = ringing();
-    assert_eq!(m.end("b", 2, "chat-ab", 3000), Ok("k1".into()));
+    assert_eq!(m.end("b", conn(2), "chat-ab", 3000), Ok("k1".into()));
     assert_eq!(
         drain(&mut m),
         vec![
-            send("a", 1, "call:rejected", ids("k1")),
-            send("b", 3, "call:end", end("k1", "rejected")),
+            send("a", conn(1), "call:rejected", ids("k1")),
+            send("b", conn(3), "call:end", end("k1", "rejected")),
             summary("k1", 0, None, 3000, EndReason::Rejected),
         ]
     );
@@ -296,9 +308,9 @@ fn ring_timeout_at_its_exact_deadline() {
     assert_eq!(
         drain(&mut m),
         vec![
-            send("b", 2, "call:end", end("k1", "no_answer")),
-            send("b", 3, "call:end", end("k1", "no_answer")),
-            send("a", 1, "call:no-answer", ids("k1")),
+            send("b", conn(2), "call:end", end("k1", "no_answer")),
+            send("b", conn(3), "call:end", end("k1", "no_answer")),
+            send("a", conn(1), "call:no-answer", ids("k1")),
             summary("k1", 0, None, RING, EndReason::NoAnswer),
         ]
     );
@@ -309,36 +321,37 @@ fn ring_timeout_at_its_exact_deadline() {
 #[test]
 fn callee_drop_and_resume_within_grace_keeps_the_call() {
     let mut m = active();
-    m.connection_down("b", 2, 5000);
+    m.connection_down("b", conn(2), 5000);
     assert_eq!(
         drain(&mut m),
-        vec![send("a", 1, "call:peer-reconnecting", ids("k1"))]
+        vec![send("a", conn(1), "call:peer-reconnecting", ids("k1"))]
     );
     assert_eq!(m.poll_timeout(), Some(5000 + GRACE));
-    m.connection_up("b", 4, 9000);
+    m.connection_up("b", conn(4), 9000);
     assert!(
         drain(&mut m).is_empty(),
         "an active call does not ring the new connection"
     );
     assert_eq!(
-        m.resume("b", 4, "chat-ab", "wrong-id"),
+        m.resume("b", conn(4), "chat-ab", "wrong-id"),
         Err(CallErrorCode::NoSuchCall)
     );
-    assert_eq!(m.resume("b", 4, "chat-ab", "k1"), Ok("k1".into()));
+    assert_eq!(m.resume("b", conn(4), "chat-ab", "k1"), Ok("k1".into()));
     assert_eq!(
         drain(&mut m),
-        vec![send("a", 1, "call:peer-resumed", ids("k1"))]
+        vec![send("a", conn(1), "call:peer-resumed", ids("k1"))]
     );
     assert_eq!(m.poll_timeout(), None);
     m.handle_timeout(5000 + GRACE);
     assert!(drain(&mut m).is_empty());
     // Candidates now reach the new connection.
-    m.ice_candidate("a", 1, "chat-ab", json!("c")).unwrap();
+    m.ice_candidate("a", conn(1), "chat-ab", json!("c"))
+        .unwrap();
     assert_eq!(
         drain(&mut m),
         vec![send(
             "b",
-            4,
+            conn(4),
             "call:ice-candidate",
             json!({"chatId": "chat-ab", "callId": "k1", "candidate": "c", "from": "a"})
         )]
@@ -348,10 +361,10 @@ fn callee_drop_and_resume_within_grace_keeps_the_call() {
 #[test]
 fn drop_without_return_is_connection_lost_at_the_grace_deadline() {
     let mut m = active();
-    m.connection_down("a", 1, 5000);
+    m.connection_down("a", conn(1), 5000);
     assert_eq!(
         drain(&mut m),
-        vec![send("b", 2, "call:peer-reconnecting", ids("k1"))]
+        vec![send("b", conn(2), "call:peer-reconnecting", ids("k1"))]
     );
     m.handle_timeout(5000 + GRACE - 1);
     assert!(drain(&mut m).is_empty());
@@ -359,14 +372,14 @@ fn drop_without_return_is_connection_lost_at_the_grace_deadline() {
     assert_eq!(
         drain(&mut m),
         vec![
-            send("b", 2, "call:end", end("k1", "connection_lost")),
+            send("b", conn(2), "call:end", end("k1", "connection_lost")),
             summary("k1", 0, Some(1000), 5000 + GRACE, EndReason::ConnectionLost),
         ]
     );
     // Resuming after that is a stale event.
-    m.connection_up("a", 5, 30_000);
+    m.connection_up("a", conn(5), 30_000);
     assert_eq!(
-        m.resume("a", 5, "chat-ab", "k1"),
+        m.resume("a", conn(5), "chat-ab", "k1"),
         Err(CallErrorCode::NoSuchCall)
     );
 }
@@ -374,17 +387,17 @@ fn drop_without_return_is_connection_lost_at_the_grace_deadline() {
 #[test]
 fn zero_grace_ends_at_once() {
     let mut m = Machine::new(RING, 0);
-    m.connection_up("a", 1, 0);
-    m.connection_up("b", 2, 0);
-    m.initiate("a", 1, initiate("k1", "b"), 0).unwrap();
-    m.answer("b", 2, "chat-ab", json!({}), 10).unwrap();
+    m.connection_up("a", conn(1), 0);
+    m.connection_up("b", conn(2), 0);
+    m.initiate("a", conn(1), initiate("k1", "b"), 0).unwrap();
+    m.answer("b", conn(2), "chat-ab", json!({}), 10).unwrap();
     drain(&mut m);
-    m.connection_down("b", 2, 20);
+    m.connection_down("b", conn(2), 20);
     assert_eq!(
         drain(&mut m),
         vec![
-            send("a", 1, "call:peer-reconnecting", ids("k1")),
-            send("a", 1, "call:end", end("k1", "connection_lost")),
+            send("a", conn(1), "call:peer-reconnecting", ids("k1")),
+            send("a", conn(1), "call:end", end("k1", "connection_lost")),
             summary("k1", 0, Some(10), 20, EndReason::ConnectionLost),
         ]
     );
@@ -393,12 +406,12 @@ fn zero_grace_ends_at_once() {
 #[test]
 fn ringing_devices_that_all_drop_mean_offline_after_the_grace() {
     let mut m = ringing();
-    m.connection_down("b", 2, 1000);
+    m.connection_down("b", conn(2), 1000);
     assert!(
         drain(&mut m).is_empty(),
         "a ringing device that drops just stops ringing"
     );
-    m.connection_down("b", 3, 2000);
+    m.connection_down("b", conn(3), 2000);
     assert!(drain(&mut m).is_empty());
     assert_eq!(m.poll_timeout(), Some(2000 + GRACE));
     m.handle_timeout(2000 + GRACE);
@@ -407,7 +420,7 @@ fn ringing_devices_that_all_drop_mean_offline_after_the_grace() {
         vec![
             send(
                 "a",
-                1,
+                conn(1),
                 "call:error",
                 json!({"chatId": "chat-ab", "code": "offline", "message": "the user is offline"})
             ),
@@ -419,16 +432,16 @@ fn ringing_devices_that_all_drop_mean_offline_after_the_grace() {
 #[test]
 fn a_callee_that_reconnects_while_called_rings_again() {
     let mut m = ringing();
-    m.connection_down("b", 2, 1000);
-    m.connection_down("b", 3, 1000);
-    m.connection_up("b", 4, 3000);
+    m.connection_down("b", conn(2), 1000);
+    m.connection_down("b", conn(3), 1000);
+    m.connection_up("b", conn(4), 3000);
     assert_eq!(
         drain(&mut m),
-        vec![send("b", 4, "call:offer", offer_push("k1"))]
+        vec![send("b", conn(4), "call:offer", offer_push("k1"))]
     );
     assert_eq!(m.poll_timeout(), Some(RING), "only the ring timer is left");
     assert_eq!(
-        m.answer("b", 4, "chat-ab", json!({}), 4000),
+        m.answer("b", conn(4), "chat-ab", json!({}), 4000),
         Ok("k1".into())
     );
 }
@@ -436,20 +449,20 @@ fn a_callee_that_reconnects_while_called_rings_again() {
 #[test]
 fn caller_drop_while_ringing() {
     let mut m = ringing();
-    m.connection_down("a", 1, 1000);
+    m.connection_down("a", conn(1), 1000);
     assert_eq!(
         drain(&mut m),
         vec![
-            send("b", 2, "call:peer-reconnecting", ids("k1")),
-            send("b", 3, "call:peer-reconnecting", ids("k1"))
+            send("b", conn(2), "call:peer-reconnecting", ids("k1")),
+            send("b", conn(3), "call:peer-reconnecting", ids("k1"))
         ]
     );
     m.handle_timeout(1000 + GRACE);
     assert_eq!(
         drain(&mut m),
         vec![
-            send("b", 2, "call:end", end("k1", "connection_lost")),
-            send("b", 3, "call:end", end("k1", "connection_lost")),
+            send("b", conn(2), "call:end", end("k1", "connection_lost")),
+            send("b", conn(3), "call:end", end("k1", "connection_lost")),
             summary("k1", 0, None, 1000 + GRACE, EndReason::ConnectionLost),
         ]
     );
@@ -458,24 +471,24 @@ fn caller_drop_while_ringing() {
 #[test]
 fn caller_resumes_while_ringing() {
     let mut m = ringing();
-    m.connection_down("a", 1, 1000);
+    m.connection_down("a", conn(1), 1000);
     drain(&mut m);
-    m.connection_up("a", 9, 2000);
+    m.connection_up("a", conn(9), 2000);
     assert!(drain(&mut m).is_empty());
-    assert_eq!(m.resume("a", 9, "chat-ab", "k1"), Ok("k1".into()));
+    assert_eq!(m.resume("a", conn(9), "chat-ab", "k1"), Ok("k1".into()));
     assert_eq!(
         drain(&mut m),
         vec![
-            send("b", 2, "call:peer-resumed", ids("k1")),
-            send("b", 3, "call:peer-resumed", ids("k1"))
+            send("b", conn(2), "call:peer-resumed", ids("k1")),
+            send("b", conn(3), "call:peer-resumed", ids("k1"))
         ]
     );
-    m.answer("b", 3, "chat-ab", json!({}), 3000).unwrap();
+    m.answer("b", conn(3), "chat-ab", json!({}), 3000).unwrap();
     assert_eq!(
         drain(&mut m)[0],
         send(
             "a",
-            9,
+            conn(9),
             "call:answer",
             json!({"chatId": "chat-ab", "callId": "k1", "answer": {}})
         )
@@ -487,36 +500,39 @@ fn stale_events_are_no_such_call_and_change_nothing() {
     let mut m = active();
     let before = m.poll_timeout();
     assert_eq!(
-        m.answer("c", 7, "chat-ab", json!({}), 10),
+        m.answer("c", conn(7), "chat-ab", json!({}), 10),
         Err(CallErrorCode::NoSuchCall)
     );
     assert_eq!(
-        m.answer("b", 2, "chat-ab", json!({}), 10),
+        m.answer("b", conn(2), "chat-ab", json!({}), 10),
         Err(CallErrorCode::NoSuchCall),
         "already answered"
     );
     assert_eq!(
-        m.reject("b", 2, "chat-ab", 10),
+        m.reject("b", conn(2), "chat-ab", 10),
         Err(CallErrorCode::NoSuchCall),
         "cannot reject an active call"
     );
     assert_eq!(
-        m.end("a", 1, "other-chat", 10),
-        Err(CallErrorCode::NoSuchCall)
-    );
-    assert_eq!(m.end("c", 7, "chat-ab", 10), Err(CallErrorCode::NoSuchCall));
-    assert_eq!(
-        m.ice_candidate("c", 7, "chat-ab", json!("x")),
+        m.end("a", conn(1), "other-chat", 10),
         Err(CallErrorCode::NoSuchCall)
     );
     assert_eq!(
-        m.resume("a", 1, "chat-ab", "k1"),
+        m.end("c", conn(7), "chat-ab", 10),
+        Err(CallErrorCode::NoSuchCall)
+    );
+    assert_eq!(
+        m.ice_candidate("c", conn(7), "chat-ab", json!("x")),
+        Err(CallErrorCode::NoSuchCall)
+    );
+    assert_eq!(
+        m.resume("a", conn(1), "chat-ab", "k1"),
         Ok("k1".into()),
         "resuming on the same connection is a no-op"
     );
-    m.connection_up("a", 5, 10);
+    m.connection_up("a", conn(5), 10);
     assert_eq!(
-        m.resume("a", 5, "chat-ab", "k1"),
+        m.resume("a", conn(5), "chat-ab", "k1"),
         Err(CallErrorCode::NoSuchCall),
         "the call lives on conn 1"
     );
@@ -528,12 +544,12 @@ fn stale_events_are_no_such_call_and_change_nothing() {
 #[test]
 fn after_a_call_both_are_free_again() {
     let mut m = active();
-    m.end("a", 1, "chat-ab", 2000).unwrap();
+    m.end("a", conn(1), "chat-ab", 2000).unwrap();
     drain(&mut m);
     assert_eq!(
         m.initiate(
             "b",
-            2,
+            conn(2),
             Initiate {
                 callee_id: "a".into(),
                 ..initiate("k2", "a")
@@ -552,8 +568,8 @@ fn shutdown_ends_every_call() {
     assert_eq!(
         drain(&mut m),
         vec![
-            send("a", 1, "call:end", end("k1", "server_shutdown")),
-            send("b", 2, "call:end", end("k1", "server_shutdown")),
+            send("a", conn(1), "call:end", end("k1", "server_shutdown")),
+            send("b", conn(2), "call:end", end("k1", "server_shutdown")),
             summary("k1", 0, Some(1000), 9000, EndReason::ServerShutdown),
         ]
     );
@@ -563,41 +579,41 @@ fn shutdown_ends_every_call() {
 fn renegotiation_goes_to_the_other_party_only_while_active() {
     let mut m = ringing();
     assert_eq!(
-        m.renegotiate("a", 1, "chat-ab", json!({"type": "offer"})),
+        m.renegotiate("a", conn(1), "chat-ab", json!({"type": "offer"})),
         Err(CallErrorCode::NoSuchCall)
     );
     assert!(drain(&mut m).is_empty());
     let mut m = active();
     let offer = json!({"type": "offer", "sdp": "v=0 restart"});
     assert_eq!(
-        m.renegotiate("a", 1, "chat-ab", offer.clone()),
+        m.renegotiate("a", conn(1), "chat-ab", offer.clone()),
         Ok("k1".into())
     );
     assert_eq!(
         drain(&mut m),
         vec![send(
             "b",
-            2,
+            conn(2),
             "call:renegotiate",
             json!({"chatId": "chat-ab", "callId": "k1", "description": offer, "from": "a"})
         )]
     );
     let answer = json!({"type": "answer", "sdp": "v=0 restarted"});
     assert_eq!(
-        m.renegotiate("b", 2, "chat-ab", answer.clone()),
+        m.renegotiate("b", conn(2), "chat-ab", answer.clone()),
         Ok("k1".into())
     );
     assert_eq!(
         drain(&mut m),
         vec![send(
             "a",
-            1,
+            conn(1),
             "call:renegotiate",
             json!({"chatId": "chat-ab", "callId": "k1", "description": answer, "from": "b"})
         )]
     );
     assert_eq!(
-        m.renegotiate("b", 3, "chat-ab", json!({})),
+        m.renegotiate("b", conn(3), "chat-ab", json!({})),
         Err(CallErrorCode::NoSuchCall),
         "not the device in the call"
     );

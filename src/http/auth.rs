@@ -1,14 +1,14 @@
 //! `/api/auth/*` and `/api/me`.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
-use axum::extract::{ConnectInfo, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use super::client_ip::ClientIp;
 use super::extract::{ApiJson, AuthUser};
 use crate::app::AppState;
 use crate::auth::AuthResponse;
@@ -37,25 +37,30 @@ pub struct RefreshBody {
 
 pub async fn register(
     State(state): State<Arc<AppState>>,
+    ClientIp(client): ClientIp,
     ApiJson(body): ApiJson<RegisterBody>,
 ) -> Result<(StatusCode, Json<AuthResponse>), ApiError> {
     let resp = state
         .accounts
-        .register(&body.username, &body.password, body.display_name.as_deref())
+        .register(
+            &body.username,
+            &body.password,
+            body.display_name.as_deref(),
+            client,
+        )
         .await?;
     Ok((StatusCode::CREATED, Json(resp)))
 }
 
 pub async fn login(
     State(state): State<Arc<AppState>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    ClientIp(client): ClientIp,
     ApiJson(body): ApiJson<LoginBody>,
 ) -> Result<Json<AuthResponse>, ApiError> {
-    let ip = peer.ip().to_string();
     Ok(Json(
         state
             .accounts
-            .login(&body.username, &body.password, &ip)
+            .login(&body.username, &body.password, client)
             .await?,
     ))
 }

@@ -20,16 +20,9 @@ const MAX_TITLE_CHARS: usize = 128;
 
 pub async fn users(
     State(state): State<Arc<AppState>>,
-    AuthUser(_): AuthUser,
+    AuthUser(me): AuthUser,
 ) -> Result<Json<Value>, ApiError> {
-    let users: Vec<_> = state
-        .node
-        .store
-        .list_users()
-        .await?
-        .iter()
-        .map(|u| u.to_wire(state.node.is_online(&u.id)))
-        .collect();
+    let users = state.node.users_seen_by(&me.user_id).await?;
     Ok(Json(json!({ "users": users })))
 }
 
@@ -54,9 +47,18 @@ pub async fn create(
     AuthUser(me): AuthUser,
     ApiJson(body): ApiJson<CreateChat>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let max = state.config.chat.max_participants;
+    // Counted before anything else is done with the list (the caller may repeat themselves).
+    if body.participant_ids.len() > max {
+        return Err(ApiError::bad_request(format!(
+            "participantIds: at most {max} participants"
+        )));
+    }
+    let mut seen = std::collections::HashSet::with_capacity(body.participant_ids.len() + 1);
+    seen.insert(me.user_id.clone());
     let mut ids = vec![me.user_id.clone()];
     for id in body.participant_ids {
-        if !ids.contains(&id) {
+        if seen.insert(id.clone()) {
             ids.push(id);
         }
     }
@@ -65,10 +67,9 @@ pub async fn create(
             "participantIds: name at least one other user",
         ));
     }
-    if ids.len() > state.config.chat.max_participants {
+    if ids.len() > max {
         return Err(ApiError::bad_request(format!(
-            "participantIds: at most {} participants",
-            state.config.chat.max_participants
+            "participantIds: at most {max} participants"
         )));
     }
     let title = body

@@ -1,5 +1,9 @@
 //! Extractors that fail with our JSON error body: a JSON body whose errors name the field, and
 //! the authenticated user from `Authorization: Bearer`.
+//!
+//! A body must say it is JSON (`Content-Type: application/json`, or `application/*+json`):
+//! otherwise 415. Browsers send the other types (`text/plain`, forms) from any page without
+//! asking, so accepting them would let a foreign page post login or register forms.
 
 use std::sync::Arc;
 
@@ -19,6 +23,12 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        if !is_json(req.headers()) {
+            return Err(ApiError::new(
+                ErrorCode::UnsupportedMediaType,
+                "send the body as JSON with Content-Type: application/json",
+            ));
+        }
         let bytes = Bytes::from_request(req, state).await.map_err(|e| {
             if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
                 ApiError::new(ErrorCode::TooLarge, "request body too large")
@@ -26,10 +36,52 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
                 ApiError::bad_request(format!("cannot read body: {e}"))
             }
         })?;
-        serde_json::from_slice(&bytes)
-            .map(ApiJson)
-            .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
+        let mut de = serde_json::Deserializer::from_slice(&bytes);
+        let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+            if e.inner().is_syntax() || e.inner().is_eof() {
+                ApiError::bad_request(format!("invalid JSON body: {}", e.inner()))
+            } else {
+                ApiError::bad_request(describe(e.path(), e.inner()))
+            }
+        })?;
+        de.end()
+            .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))?;
+        Ok(ApiJson(value))
     }
+}
+
+/// `field: what is wrong`, without serde_json's line and column (the field says where).
+pub fn describe(path: &serde_path_to_error::Path, err: &serde_json::Error) -> String {
+    let text = err.to_string();
+    let text = match text.rfind(" at line ") {
+        Some(i) if err.line() > 0 => &text[..i],
+        _ => &text,
+    };
+    let path = path.to_string();
+    if path.is_empty() || path == "." {
+        text.to_owned()
+    } else {
+        format!("{path}: {text}")
+    }
+}
+
+fn is_json(headers: &HeaderMap) -> bool {
+    let Some(value) = headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return false;
+    };
+    let essence = value
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    essence == "application/json"
+        || essence
+            .strip_prefix("application/")
+            .is_some_and(|sub| sub.ends_with("+json"))
 }
 
 pub fn bearer(headers: &HeaderMap) -> Option<String> {

@@ -3,6 +3,7 @@
 
 pub mod auth;
 pub mod chats;
+pub mod client_ip;
 pub mod extract;
 pub mod health;
 pub mod ice;
@@ -120,10 +121,12 @@ fn percent_decode(s: &str) -> String {
 
 async fn ws_upgrade(
     State(state): State<Arc<AppState>>,
+    client_ip::ClientIp(client): client_ip::ClientIp,
     headers: HeaderMap,
     uri: axum::http::Uri,
     ws: WebSocketUpgrade,
 ) -> Response {
+    tracing::debug!(client = %client, "websocket upgrade");
     let token = ws_token(&headers, uri.query());
     let host = ice::request_host(&headers);
     let max = state.config.ws.max_frame_bytes;

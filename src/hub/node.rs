@@ -3,7 +3,7 @@
 //! receipts: a session that wrote a `message` frame reports it here, and one task moves the
 //! delivered cursors in the store and pushes `message:status` to the senders.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use super::presence::{Presence, PresenceEvent};
 use super::{Broker, Envelope, Hub, Outbound};
 use crate::error::ApiError;
-use crate::store::{CursorKind, CursorUpdate, Member, MessageRecord, StatusChange, Store};
+use crate::store::{CursorKind, CursorUpdate, Member, MessageRecord, StatusChange, Store, User};
 use crate::time::{now_ms, rfc3339_ms};
 use crate::ws::protocol::push;
 
@@ -66,6 +66,29 @@ impl Node {
             return Err(ApiError::forbidden("not a participant of this chat"));
         }
         Ok(members)
+    }
+
+    /// Every user as `viewer` may see them: online state and last-seen time only of users who
+    /// share a chat with the viewer (and of the viewer), `isOnline: false, lastSeenAt: null`
+    /// for everyone else. What `GET /api/users` and `users:list` return.
+    pub async fn users_seen_by(&self, viewer: &str) -> Result<Vec<User>, ApiError> {
+        let contacts: HashSet<String> = self.store.contacts_of(viewer).await?.into_iter().collect();
+        Ok(self
+            .store
+            .list_users()
+            .await?
+            .iter()
+            .map(|u| {
+                if u.id == viewer || contacts.contains(&u.id) {
+                    u.to_wire(self.is_online(&u.id))
+                } else {
+                    User {
+                        last_seen_at: None,
+                        ..u.to_wire(false)
+                    }
+                }
+            })
+            .collect())
     }
 
     pub fn publish(&self, env: Envelope) {

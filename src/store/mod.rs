@@ -26,6 +26,8 @@ pub enum StoreError {
     Database(#[from] sqlx::Error),
     #[error("migration error: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("file error: {0}")]
+    Io(#[from] std::io::Error),
 }
 
 pub type StoreResult<T> = Result<T, StoreError>;
@@ -52,6 +54,13 @@ pub enum RefreshOutcome {
     Reused,
     /// Unknown or expired.
     Invalid,
+}
+
+/// The refresh token that replaces a presented one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NextRefreshToken {
+    pub token_hash: String,
+    pub expires_at: i64,
 }
 
 /// Which per-user cursor moves.
@@ -85,14 +94,26 @@ pub trait Store: Send + Sync + 'static {
         expires_at: i64,
         now: i64,
     ) -> StoreResult<()>;
-    async fn use_refresh_token(&self, token_hash: &str, now: i64) -> StoreResult<RefreshOutcome>;
+    /// Presents the refresh token `token_hash`. When it is valid, in one transaction: it is
+    /// marked used and `next` is stored in its family for its user (so a reuse detected at any
+    /// moment revokes the new token too). A used one revokes its whole family.
+    async fn rotate_refresh_token(
+        &self,
+        token_hash: &str,
+        next: NextRefreshToken,
+        now: i64,
+    ) -> StoreResult<RefreshOutcome>;
 
     // --- chats
     /// Creates a chat with the given participants (all must exist: `NotFound` otherwise).
     /// For `direct` chats, returns the existing one (`created == false`) when there is one.
     async fn create_chat(&self, chat: NewChat) -> StoreResult<(Chat, bool)>;
     async fn chat(&self, chat_id: &str) -> StoreResult<Chat>;
+    /// The chats of `user_id` with the caller's unread count and last message. A fixed number
+    /// of queries, however many chats.
     async fn chats_of(&self, user_id: &str) -> StoreResult<Vec<ChatSummary>>;
+    /// Every chat of `user_id` with its members' cursors, in two queries.
+    async fn chats_with_members(&self, user_id: &str) -> StoreResult<Vec<(Chat, Vec<Member>)>>;
     async fn is_member(&self, chat_id: &str, user_id: &str) -> StoreResult<bool>;
     async fn members(&self, chat_id: &str) -> StoreResult<Vec<Member>>;
 
@@ -106,6 +127,12 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreResult<Vec<(MessageRecord, bool)>>;
     async fn message(&self, id: &str) -> StoreResult<MessageRecord>;
     async fn messages(&self, chat_id: &str, page: Page) -> StoreResult<(Vec<MessageRecord>, bool)>;
+    /// For each `(chat, after, count)`: the messages with `after < seq <= after + count`, in
+    /// one query (seqs have no gaps, so that is the next `count` messages). Same order as asked.
+    async fn messages_after_many(
+        &self,
+        wants: &[(String, i64, i64)],
+    ) -> StoreResult<Vec<Vec<MessageRecord>>>;
     async fn pinned(&self, chat_id: &str) -> StoreResult<Vec<MessageRecord>>;
     /// Sets the pinned flag; returns the message and whether it changed.
     async fn set_pinned(&self, id: &str, pinned: bool) -> StoreResult<(MessageRecord, bool)>;

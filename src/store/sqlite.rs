@@ -132,10 +132,15 @@ async fn run_committer(writer: SqlitePool, mut rx: mpsc::Receiver<Job>) {
 
 const MESSAGE_COLUMNS: &str = "id, chat_id, seq, sender_id, content, client_msg_id, created_at, \
      pinned, fwd_message_id, fwd_chat_id, fwd_sender_id, call_meta";
+/// The same columns of `messages` aliased as `m`.
+const MESSAGE_COLUMNS_M: &str = "m.id, m.chat_id, m.seq, m.sender_id, m.content, \
+     m.client_msg_id, m.created_at, m.pinned, m.fwd_message_id, m.fwd_chat_id, m.fwd_sender_id, \
+     m.call_meta";
 
 impl SqliteStore {
     /// Opens (creating if needed) the database file and runs the embedded migrations.
     pub async fn open(path: &Path) -> StoreResult<Self> {
+        make_private(path)?;
         let options = SqliteConnectOptions::from_str("sqlite://")?
             .filename(path)
             .create_if_missing(true)
@@ -207,6 +212,30 @@ impl SqliteStore {
             .fetch_optional(exec)
             .await?;
         Ok(row.map(|r| (r.get(0), r.get(1), r.get(2), r.get(3))))
+    }
+
+    /// Members of every chat `user_id` is in, by chat, in one query.
+    async fn members_of_chats_of(
+        &self,
+        user_id: &str,
+    ) -> StoreResult<HashMap<String, Vec<Member>>> {
+        let rows = sqlx::query(
+            "SELECT o.chat_id, o.user_id, o.delivered_seq, o.read_seq FROM chat_members me \
+             JOIN chat_members o ON o.chat_id = me.chat_id WHERE me.user_id = ? \
+             ORDER BY o.chat_id, o.position",
+        )
+        .bind(user_id)
+        .fetch_all(&self.reader)
+        .await?;
+        let mut out: HashMap<String, Vec<Member>> = HashMap::new();
+        for r in &rows {
+            out.entry(r.get(0)).or_default().push(Member {
+                user_id: r.get(1),
+                delivered_seq: r.get(2),
+                read_seq: r.get(3),
+            });
+        }
+        Ok(out)
     }
 
     async fn load_chat(&self, chat_id: &str) -> StoreResult<Chat> {
@@ -493,7 +522,12 @@ impl Store for SqliteStore {
         Ok(())
     }
 
-    async fn use_refresh_token(&self, token_hash: &str, now: i64) -> StoreResult<RefreshOutcome> {
+    async fn rotate_refresh_token(
+        &self,
+        token_hash: &str,
+        next: NextRefreshToken,
+        now: i64,
+    ) -> StoreResult<RefreshOutcome> {
         let mut tx = self.writer.begin().await?;
         let row = sqlx::query(
             "SELECT user_id, family_id, expires_at, used_at FROM refresh_tokens WHERE token_hash = ?",
@@ -522,6 +556,17 @@ impl Store for SqliteStore {
             .bind(token_hash)
             .execute(&mut *tx)
             .await?;
+        sqlx::query(
+            "INSERT INTO refresh_tokens (token_hash, user_id, family_id, expires_at, created_at) \
+             VALUES (?, ?, ?, ?, ?)",
+        )
+        .bind(&next.token_hash)
+        .bind(&user_id)
+        .bind(&family_id)
+        .bind(next.expires_at)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
         tx.commit().await?;
         Ok(RefreshOutcome::Rotated { user_id, family_id })
     }
@@ -590,39 +635,55 @@ impl Store for SqliteStore {
     }
 
     async fn chats_of(&self, user_id: &str) -> StoreResult<Vec<ChatSummary>> {
-        let rows = sqlx::query(
-            "SELECT c.id, c.kind, c.title, c.last_seq, c.created_at, m.read_seq FROM chats c \
-             JOIN chat_members m ON m.chat_id = c.id WHERE m.user_id = ? ORDER BY c.created_at",
-        )
+        // 1: the chats with the caller's read cursor and the last message (seqs have no gaps,
+        // so it is the one at `last_seq`).
+        let rows = sqlx::query(&format!(
+            "SELECT c.id AS c_id, c.kind, c.title, c.last_seq, c.created_at AS c_created_at, \
+             me.read_seq, {MESSAGE_COLUMNS_M} FROM chat_members me \
+             JOIN chats c ON c.id = me.chat_id \
+             LEFT JOIN messages m ON m.chat_id = c.id AND m.seq = c.last_seq \
+             WHERE me.user_id = ? ORDER BY c.created_at"
+        ))
         .bind(user_id)
         .fetch_all(&self.reader)
         .await?;
+        // 2: every member of those chats.
+        let mut members = self.members_of_chats_of(user_id).await?;
+        // 3: the caller's own messages after their read cursor, per chat: unread is the rest.
+        let own_after: HashMap<String, i64> = sqlx::query_as(
+            "SELECT m.chat_id, COUNT(*) FROM chat_members me \
+             JOIN messages m ON m.chat_id = me.chat_id AND m.sender_id = me.user_id \
+             AND m.seq > me.read_seq WHERE me.user_id = ? GROUP BY m.chat_id",
+        )
+        .bind(user_id)
+        .fetch_all(&self.reader)
+        .await?
+        .into_iter()
+        .collect();
         let mut out = Vec::with_capacity(rows.len());
         for r in rows {
-            let id: String = r.get(0);
-            let kind: String = r.get(1);
-            let last_seq: i64 = r.get(3);
-            let read_seq: i64 = r.get(5);
-            let members = Self::members_in(&self.reader, &id).await?;
-            let chat = make_chat(&id, &kind, r.get(2), last_seq, r.get(4), &members);
-            let last = sqlx::query(&format!(
-                "SELECT {MESSAGE_COLUMNS} FROM messages WHERE chat_id = ? ORDER BY seq DESC LIMIT 1"
-            ))
-            .bind(&id)
-            .fetch_optional(&self.reader)
-            .await?
-            .map(|row| message_from_row(&row));
-            let unread_count: i64 = sqlx::query_scalar(
-                "SELECT COUNT(*) FROM messages WHERE chat_id = ? AND seq > ? AND sender_id != ?",
-            )
-            .bind(&id)
-            .bind(read_seq)
-            .bind(user_id)
-            .fetch_one(&self.reader)
-            .await?;
+            let id: String = r.get("c_id");
+            let kind: String = r.get("kind");
+            let last_seq: i64 = r.get("last_seq");
+            let read_seq: i64 = r.get("read_seq");
+            let chat_members = members.remove(&id).unwrap_or_default();
+            let chat = make_chat(
+                &id,
+                &kind,
+                r.get("title"),
+                last_seq,
+                r.get("c_created_at"),
+                &chat_members,
+            );
+            let last = r
+                .get::<Option<String>, _>("id")
+                .map(|_| message_from_row(&r));
+            let unread_count =
+                (last_seq - read_seq - own_after.get(&id).copied().unwrap_or(0)).max(0);
             out.push(ChatSummary {
                 chat,
-                last_message: last.map(|m| m.to_wire(status_of(m.seq, &m.sender_id, &members))),
+                last_message: last
+                    .map(|m| m.to_wire(status_of(m.seq, &m.sender_id, &chat_members))),
                 unread_count,
             });
         }
@@ -633,6 +694,27 @@ impl Store for SqliteStore {
             kb.cmp(&ka)
         });
         Ok(out)
+    }
+
+    async fn chats_with_members(&self, user_id: &str) -> StoreResult<Vec<(Chat, Vec<Member>)>> {
+        let rows = sqlx::query(
+            "SELECT c.id, c.kind, c.title, c.last_seq, c.created_at FROM chat_members me \
+             JOIN chats c ON c.id = me.chat_id WHERE me.user_id = ? ORDER BY c.created_at",
+        )
+        .bind(user_id)
+        .fetch_all(&self.reader)
+        .await?;
+        let mut members = self.members_of_chats_of(user_id).await?;
+        Ok(rows
+            .iter()
+            .map(|r| {
+                let id: String = r.get(0);
+                let kind: String = r.get(1);
+                let m = members.remove(&id).unwrap_or_default();
+                let chat = make_chat(&id, &kind, r.get(2), r.get(3), r.get(4), &m);
+                (chat, m)
+            })
+            .collect())
     }
 
     async fn is_member(&self, chat_id: &str, user_id: &str) -> StoreResult<bool> {
@@ -705,6 +787,43 @@ impl Store for SqliteStore {
             msgs.reverse();
         }
         Ok((msgs, has_more))
+    }
+
+    async fn messages_after_many(
+        &self,
+        wants: &[(String, i64, i64)],
+    ) -> StoreResult<Vec<Vec<MessageRecord>>> {
+        let wants: Vec<&(String, i64, i64)> = wants.iter().filter(|w| w.2 > 0).collect();
+        if wants.is_empty() {
+            return Ok(Vec::new());
+        }
+        // The wishes travel as one JSON parameter: one statement for any number of chats.
+        let json = serde_json::to_string(
+            &wants
+                .iter()
+                .map(|(c, after, n)| (c, after, after + n))
+                .collect::<Vec<_>>(),
+        )
+        .expect("strings and integers serialise");
+        let rows = sqlx::query(&format!(
+            "WITH want(chat_id, after, upto) AS (SELECT json_extract(value, '$[0]'), \
+             json_extract(value, '$[1]'), json_extract(value, '$[2]') FROM json_each(?)) \
+             SELECT {MESSAGE_COLUMNS_M} FROM want w JOIN messages m \
+             ON m.chat_id = w.chat_id AND m.seq > w.after AND m.seq <= w.upto \
+             ORDER BY m.chat_id, m.seq"
+        ))
+        .bind(json)
+        .fetch_all(&self.reader)
+        .await?;
+        let mut by_chat: HashMap<String, Vec<MessageRecord>> = HashMap::new();
+        for r in &rows {
+            let m = message_from_row(r);
+            by_chat.entry(m.chat_id.clone()).or_default().push(m);
+        }
+        Ok(wants
+            .iter()
+            .map(|(c, _, _)| by_chat.remove(c).unwrap_or_default())
+            .collect())
     }
 
     async fn pinned(&self, chat_id: &str) -> StoreResult<Vec<MessageRecord>> {
@@ -863,6 +982,39 @@ pub async fn backup(src: &Path, dest: &Path) -> StoreResult<()> {
         .execute(&pool)
         .await?;
     pool.close().await;
+    make_private(dest)?;
+    Ok(())
+}
+
+/// Creates `path` empty with mode 0600 if it is missing (SQLite takes an empty file as an empty
+/// database, and gives its `-wal` and `-shm` files the database file's mode), and takes group
+/// and other access away from it and its companions if they have any: chats are private.
+fn make_private(path: &Path) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+        {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e),
+        }
+        for suffix in ["", "-wal", "-shm"] {
+            let mut name = path.as_os_str().to_owned();
+            name.push(suffix);
+            let file = Path::new(&name);
+            if let Ok(meta) = std::fs::metadata(file) {
+                if meta.permissions().mode() & 0o077 != 0 {
+                    std::fs::set_permissions(file, std::fs::Permissions::from_mode(0o600))?;
+                    tracing::info!(file = %file.display(), "made the database file private (0600)");
+                }
+            }
+        }
+    }
     Ok(())
 }
 

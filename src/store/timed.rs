@@ -57,10 +57,15 @@ impl<S: Store + ?Sized> Store for Timed<S> {
                 .insert_refresh_token(token_hash, user_id, family_id, expires_at, now)
         )
     }
-    async fn use_refresh_token(&self, token_hash: &str, now: i64) -> StoreResult<RefreshOutcome> {
+    async fn rotate_refresh_token(
+        &self,
+        token_hash: &str,
+        next: NextRefreshToken,
+        now: i64,
+    ) -> StoreResult<RefreshOutcome> {
         timed!(
-            "use_refresh_token",
-            self.0.use_refresh_token(token_hash, now)
+            "rotate_refresh_token",
+            self.0.rotate_refresh_token(token_hash, next, now)
         )
     }
     async fn create_chat(&self, chat: NewChat) -> StoreResult<(Chat, bool)> {
@@ -71,6 +76,9 @@ impl<S: Store + ?Sized> Store for Timed<S> {
     }
     async fn chats_of(&self, user_id: &str) -> StoreResult<Vec<ChatSummary>> {
         timed!("chats_of", self.0.chats_of(user_id))
+    }
+    async fn chats_with_members(&self, user_id: &str) -> StoreResult<Vec<(Chat, Vec<Member>)>> {
+        timed!("chats_with_members", self.0.chats_with_members(user_id))
     }
     async fn is_member(&self, chat_id: &str, user_id: &str) -> StoreResult<bool> {
         timed!("is_member", self.0.is_member(chat_id, user_id))
@@ -89,6 +97,12 @@ impl<S: Store + ?Sized> Store for Timed<S> {
     }
     async fn messages(&self, chat_id: &str, page: Page) -> StoreResult<(Vec<MessageRecord>, bool)> {
         timed!("messages", self.0.messages(chat_id, page))
+    }
+    async fn messages_after_many(
+        &self,
+        wants: &[(String, i64, i64)],
+    ) -> StoreResult<Vec<Vec<MessageRecord>>> {
+        timed!("messages_after_many", self.0.messages_after_many(wants))
     }
     async fn pinned(&self, chat_id: &str) -> StoreResult<Vec<MessageRecord>> {
         timed!("pinned", self.0.pinned(chat_id))

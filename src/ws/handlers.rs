@@ -7,7 +7,8 @@ use serde_json::{json, Value};
 
 use super::protocol::{self as p, payload, push};
 use crate::app::AppState;
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorCode};
+use crate::hub::ConnId;
 use crate::store::{
     with_status, ChatKind, CursorKind, CursorUpdate, ForwardedFrom, Member, MessageRecord, NewChat,
     NewMessage, Page,
@@ -16,16 +17,19 @@ use crate::time::{now_ms, rfc3339_ms};
 
 /// Messages per chat in a `sync` reply or a `chat:join` with `afterSeq`.
 pub const SYNC_LIMIT: i64 = 200;
+/// Messages in one `sync` reply over all chats; chats past it come with `hasMore: true` and the
+/// client asks again from its new cursors (the SDK does), so a user with many busy chats gets
+/// bounded replies.
+pub const SYNC_BUDGET: i64 = 1000;
 /// Messages in a `chat:join` without `afterSeq`.
 pub const JOIN_LATEST: i64 = 50;
-/// Most messages in one `message:forward-multiple`.
-pub const FORWARD_MAX: usize = 100;
+pub use crate::limits::FORWARD_MAX;
 const CLIENT_MSG_ID_MAX: usize = 128;
 
 /// The connection a request came from.
 pub struct Conn {
     pub user_id: String,
-    pub conn_id: u64,
+    pub conn_id: ConnId,
 }
 
 /// What to write to the requesting connection.
@@ -71,6 +75,22 @@ fn check_content(state: &AppState, content: &str, field: &str) -> Result<(), Api
         )));
     }
     Ok(())
+}
+
+/// Spends `n` of the user's message allowance (shared by all their connections).
+fn spend_messages(state: &AppState, user_id: &str, n: usize) -> Result<(), ApiError> {
+    state
+        .node
+        .hub
+        .take_messages(user_id, n as u32, now_ms())
+        .map_err(|retry_ms| {
+            let mut err = ApiError::new(
+                ErrorCode::RateLimited,
+                "too many messages from this user; slow down",
+            );
+            err.retry_after = Some((retry_ms.max(1) as u64).div_ceil(1000).min(3600));
+            err
+        })
 }
 
 /// Highest seq among `msgs` not sent by `user_id`: what writing them delivers.
@@ -156,45 +176,46 @@ pub async fn handle(
         "sync" => {
             let req: p::Sync = payload(data)?;
             let store = &state.node.store;
-            let mut chats = Vec::new();
+            let chats = store.chats_with_members(me).await?;
+            // Plan what each chat gets within the reply's budget, then fetch it in one query.
+            let mut budget = SYNC_BUDGET;
+            let plan: Vec<(i64, i64)> = chats
+                .iter()
+                .map(|(chat, _)| {
+                    let after = req.cursors.get(&chat.id).copied().unwrap_or(0).max(0);
+                    let take = (chat.last_seq - after).clamp(0, SYNC_LIMIT.min(budget));
+                    budget -= take;
+                    (after, take)
+                })
+                .collect();
+            let wants: Vec<(String, i64, i64)> = chats
+                .iter()
+                .zip(&plan)
+                .filter(|(_, (_, take))| *take > 0)
+                .map(|((chat, _), (after, take))| (chat.id.clone(), *after, *take))
+                .collect();
+            let mut fetched = store.messages_after_many(&wants).await?.into_iter();
             let mut out = Handled::default();
-            for summary in store.chats_of(me).await? {
-                let chat_id = summary.chat.id;
-                let after = req.cursors.get(&chat_id).copied().unwrap_or(0).max(0);
-                let (msgs, has_more) = if after >= summary.chat.last_seq {
-                    (Vec::new(), false)
+            let mut replies = Vec::with_capacity(chats.len());
+            for ((chat, members), (after, take)) in chats.iter().zip(plan) {
+                let msgs = if take > 0 {
+                    fetched.next().unwrap_or_default()
                 } else {
-                    store
-                        .messages(
-                            &chat_id,
-                            Page::After {
-                                seq: after,
-                                limit: SYNC_LIMIT,
-                            },
-                        )
-                        .await?
-                };
-                let messages = if msgs.is_empty() {
                     Vec::new()
-                } else {
-                    with_status(&msgs, &store.members(&chat_id).await?)
                 };
                 out.delivered
-                    .extend(delivered_upto(&msgs, me).map(|s| (chat_id.clone(), s)));
-                chats.push(json!({"chatId": chat_id, "messages": messages, "hasMore": has_more}));
+                    .extend(delivered_upto(&msgs, me).map(|s| (chat.id.clone(), s)));
+                replies.push(json!({
+                    "chatId": chat.id,
+                    "messages": with_status(&msgs, members),
+                    "hasMore": chat.last_seq > after + take,
+                }));
             }
-            out.data = json!({ "chats": chats });
+            out.data = json!({ "chats": replies });
             Ok(out)
         }
         "users:list" => {
-            let users: Vec<_> = state
-                .node
-                .store
-                .list_users()
-                .await?
-                .iter()
-                .map(|u| u.to_wire(state.node.is_online(&u.id)))
-                .collect();
+            let users = state.node.users_seen_by(me).await?;
             Ok(Handled::data(json!({ "users": users })))
         }
         "message:read" => {
@@ -260,6 +281,7 @@ pub async fn handle(
             if let Some(c) = &req.additional_content {
                 check_content(state, c, "additionalContent")?;
             }
+            spend_messages(state, me, 1 + usize::from(req.additional_content.is_some()))?;
             forward(
                 state,
                 me,
@@ -276,6 +298,8 @@ pub async fn handle(
                     "messageIds: 1 to {FORWARD_MAX} ids"
                 )));
             }
+            // Each forwarded message counts against the sender's rate.
+            spend_messages(state, me, req.message_ids.len())?;
             forward(state, me, &req.message_ids, &req.to_chat_id, None).await
         }
         "typing-start" | "typing-stop" => {
@@ -333,6 +357,7 @@ async fn send_message(
         }
     }
     let members = state.node.members_for(&req.chat_id, me).await?;
+    spend_messages(state, me, 1)?;
     let mut stored = state
         .node
         .store

@@ -97,7 +97,15 @@ pub fn payload<T: DeserializeOwned>(data: &Value) -> Result<T, ApiError> {
     } else {
         data
     };
-    T::deserialize(data).map_err(|e| ApiError::bad_request(format!("invalid data: {e}")))
+    serde_path_to_error::deserialize(data).map_err(|e| {
+        let path = e.path().to_string();
+        let what = e.into_inner();
+        if path.is_empty() || path == "." {
+            ApiError::bad_request(format!("invalid data: {what}"))
+        } else {
+            ApiError::bad_request(format!("invalid data: {path}: {what}"))
+        }
+    })
 }
 
 pub fn push(event: &str, data: impl Serialize) -> String {

@@ -98,12 +98,28 @@ where
         }
     };
     let user_id = authed.user_id.clone();
-    let mut reg = state.node.hub.register(&user_id);
+    let mut reg = match state.node.hub.register(&user_id) {
+        Ok(reg) => reg,
+        Err(too_many) => {
+            metrics::counter!("switchboard_ws_refused_total", "reason" => "connections_per_user")
+                .increment(1);
+            let err = ApiError::new(crate::error::ErrorCode::RateLimited, too_many.to_string());
+            let _ = socket.send(text(p::error_push(&err, None))).await;
+            finish_close(
+                &mut socket,
+                close::TOO_SLOW,
+                "too many connections",
+                CLOSE_LINGER,
+            )
+            .await;
+            return;
+        }
+    };
     let conn = Conn {
         user_id: user_id.clone(),
         conn_id: reg.conn_id,
     };
-    tracing::debug!(user_id = %user_id, conn_id = conn.conn_id, "ws connected");
+    tracing::debug!(user_id = %user_id, conn_id = %conn.conn_id, "ws connected");
     let ws_cfg = &state.config.ws;
     // Every (re)connect refreshes the TURN credentials.
     let (ice_servers, ice_expires) = state.ice_servers(&user_id, &host);
@@ -144,7 +160,7 @@ where
     }
     state.calls.connection_down(&user_id, conn.conn_id).await;
     state.node.disconnected(&user_id).await;
-    tracing::debug!(user_id = %user_id, conn_id = conn.conn_id, "ws closed");
+    tracing::debug!(user_id = %user_id, conn_id = %conn.conn_id, "ws closed");
 }
 
 async fn session_loop<S>(

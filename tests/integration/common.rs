@@ -29,6 +29,10 @@ pub fn test_config(dir: &std::path::Path) -> Config {
     };
     c.turn.enabled = false;
     c.presence.offline_grace = Duration::from_millis(300);
+    // Every test user registers from 127.0.0.1; the per-address limit has its own test.
+    c.auth.register_max_per_ip = 10_000;
+    // Many tests send bursts of messages; the per-user rate has its own test.
+    c.ws.user_message_rate = 0;
     c
 }
 

@@ -479,10 +479,9 @@ fn install_script_lays_down_a_working_installation_and_is_idempotent() {
         assert!(f.exists(), "{} missing", f.display());
     }
     use std::os::unix::fs::PermissionsExt;
-    assert_eq!(
-        std::fs::metadata(&jwt).unwrap().permissions().mode() & 0o777,
-        0o600
-    );
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&jwt), 0o600);
+    assert_eq!(mode(&config), 0o640, "the config may hold secrets");
     assert!(
         std::fs::read_to_string(&jwt).unwrap().len() >= 40,
         "a fresh random secret"
@@ -506,8 +505,14 @@ fn install_script_lays_down_a_working_installation_and_is_idempotent() {
 
     // Idempotent: an edited config and the secrets survive a second run.
     std::fs::write(&config, "# edited by the admin\n[log]\nlevel = \"debug\"\n").unwrap();
+    std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o644)).unwrap();
     let secret = std::fs::read_to_string(&jwt).unwrap();
     let second = install(&[]);
+    assert_eq!(
+        mode(&config),
+        0o640,
+        "an old world-readable config is tightened"
+    );
     assert!(second.contains("kept the existing"), "{second}");
     assert_eq!(
         std::fs::read_to_string(&config).unwrap(),
@@ -538,6 +543,20 @@ fn the_unit_file_passes_systemd_analyze_verify() {
     ))
     .unwrap()
     .replace("/usr/local/bin/switchboard", BIN);
+    // The resource ceilings and the kernel-level address filter are there, and nothing
+    // re-allows what the filter denies (an IPAddressAllow= entry would win).
+    for line in [
+        "MemoryMax=",
+        "TasksMax=",
+        "IPAddressDeny=link-local multicast",
+        "User=switchboard",
+    ] {
+        assert!(
+            unit.lines().any(|l| l.starts_with(line)),
+            "the unit lacks {line}"
+        );
+    }
+    assert!(!unit.lines().any(|l| l.starts_with("IPAddressAllow=")));
     let path = dir.path().join("switchboard.service");
     std::fs::write(&path, unit).unwrap();
     let out = Command::new(analyze)

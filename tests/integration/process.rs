@@ -27,6 +27,9 @@ impl Proc {
             .env("SWITCHBOARD_HTTP__LISTEN", "127.0.0.1:0")
             .env("SWITCHBOARD_TURN__ENABLED", "false")
             .env("SWITCHBOARD_LOG__LEVEL", "info")
+            // These tests register many users from 127.0.0.1 and send bursts on purpose.
+            .env("SWITCHBOARD_AUTH__REGISTER_MAX_PER_IP", "0")
+            .env("SWITCHBOARD_WS__USER_MESSAGE_RATE", "0")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
         for (k, v) in extra_env {

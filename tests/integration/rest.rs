@@ -59,6 +59,7 @@ async fn register_login_refresh_me() {
     let resp = s
         .http
         .post(s.url("/api/auth/register"))
+        .header("content-type", "application/json")
         .body("{not json")
         .send()
         .await
