@@ -71,12 +71,14 @@ fi
 
 # The service runs as `switchboard` (the unit's User=, with DynamicUser's sandbox); the config
 # may hold secrets, so it is readable by root and that group only.
+# `getent -s files`: a running DynamicUser service makes nss-systemd report a transient
+# `switchboard` user; only a static one (in /etc/passwd) keeps its ids across restarts.
 if [ -z "$DESTDIR" ]; then
-    if ! getent group switchboard >/dev/null; then
+    if ! getent -s files group switchboard >/dev/null; then
         groupadd --system switchboard
         echo "created the system group switchboard"
     fi
-    if ! getent passwd switchboard >/dev/null; then
+    if ! getent -s files passwd switchboard >/dev/null; then
         useradd --system --gid switchboard --no-create-home --home-dir /var/lib/switchboard \
             --shell /usr/sbin/nologin switchboard
         echo "created the system user switchboard"
@@ -96,7 +98,7 @@ else
     # Tighten what older versions installed world-readable; leave stricter modes alone.
     chmod o-rwx "$ETC/switchboard.toml"
 fi
-if getent group switchboard >/dev/null; then
+if getent -s files group switchboard >/dev/null; then
     chgrp switchboard "$ETC/switchboard.toml"
 else
     echo "note: no group switchboard on this machine; on the target run: chgrp switchboard /etc/switchboard/switchboard.toml"

@@ -119,7 +119,7 @@ pub struct AuthConfig {
     pub register_max_per_ip: u32,
     #[serde(with = "humantime_serde")]
     pub register_window: Duration,
-    /// Password hashes (argon2id, 19 MiB each) computed at once; 0: one per CPU core.
+    /// Password hashes (argon2id, 19 MiB each) computed at once; 0: one per CPU core, at most 8.
     pub hash_concurrency: usize,
     /// Logins/registrations waiting for a hashing slot; beyond that they get 429 at once.
     pub hash_queue: usize,

@@ -141,17 +141,6 @@ impl Accounts {
         }
         validate_username(username)?;
         validate_password(password)?;
-        if self.config.register_max_per_ip > 0 {
-            let key = address_key(client);
-            let now = now_ms();
-            let mut t = self.throttles.lock().expect("throttle lock");
-            if let Some(retry_ms) = t.register_by_ip.check(&key, now) {
-                metrics::counter!("switchboard_auth_refused_total", "kind" => "register_rate")
-                    .increment(1);
-                return Err(ApiError::rate_limited((retry_ms as u64).div_ceil(1000)));
-            }
-            t.register_by_ip.record(&key, now);
-        }
         let display_name = match display_name.map(str::trim) {
             Some(d) if !d.is_empty() => {
                 if d.chars().count() > MAX_DISPLAY_NAME_CHARS {
@@ -161,11 +150,19 @@ impl Accounts {
             }
             _ => username.to_owned(),
         };
-        let hash = self
-            .hasher
-            .hash(password.to_owned())
-            .await
-            .map_err(hash_refused)?;
+        // Counted once the request is valid, before the expensive part.
+        let slot = self.take_register_slot(client)?;
+        let hash = match self.hasher.hash(password.to_owned()).await {
+            Ok(h) => h,
+            Err(e) => {
+                // Refused before any work: the slot is given back.
+                if let Some((key, at)) = slot {
+                    let mut t = self.throttles.lock().expect("throttle lock");
+                    t.register_by_ip.undo(&key, at);
+                }
+                return Err(hash_refused(e));
+            }
+        };
         let user = self
             .store
             .create_user(NewUser {
@@ -182,6 +179,23 @@ impl Accounts {
                 other => other.into(),
             })?;
         self.issue_pair(&user, new_id()).await
+    }
+
+    /// Counts a registration from `client` (`Some((key, at))` to take it back), or refuses it.
+    fn take_register_slot(&self, client: IpAddr) -> Result<Option<(String, i64)>, ApiError> {
+        if self.config.register_max_per_ip == 0 {
+            return Ok(None);
+        }
+        let key = address_key(client);
+        let now = now_ms();
+        let mut t = self.throttles.lock().expect("throttle lock");
+        if let Some(retry_ms) = t.register_by_ip.check(&key, now) {
+            metrics::counter!("switchboard_auth_refused_total", "kind" => "register_rate")
+                .increment(1);
+            return Err(ApiError::rate_limited((retry_ms as u64).div_ceil(1000)));
+        }
+        t.register_by_ip.record(&key, now);
+        Ok(Some((key, now)))
     }
 
     /// Logs in a request from `client`. The attempt is counted against the username and the

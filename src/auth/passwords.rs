@@ -8,6 +8,10 @@
 use argon2::password_hash::{Output, ParamsString, PasswordHash, Salt, SaltString};
 use argon2::{Algorithm, Argon2, Block, Params, Version};
 
+/// Hashing threads when `auth.hash_concurrency` is 0: one per core up to this, so a big machine
+/// does not dedicate gigabytes to hash buffers.
+pub const DEFAULT_MAX_WORKERS: usize = 8;
+
 /// Memory cost (KiB) above which a stored hash is not computed (ours use 19 MiB): a corrupt or
 /// foreign row must not make a worker allocate gigabytes.
 const MAX_M_COST_KIB: u32 = 256 * 1024;
@@ -117,10 +121,13 @@ pub struct Hasher {
 }
 
 impl Hasher {
-    /// `concurrency` worker threads (0: one per available core) and room for `queue` waiting.
+    /// `concurrency` worker threads (0: one per available core, at most [`DEFAULT_MAX_WORKERS`])
+    /// and room for `queue` waiting.
     pub fn new(concurrency: usize, queue: usize) -> Self {
         let concurrency = if concurrency == 0 {
-            std::thread::available_parallelism().map_or(1, |n| n.get())
+            std::thread::available_parallelism()
+                .map_or(1, |n| n.get())
+                .min(DEFAULT_MAX_WORKERS)
         } else {
             concurrency
         };
@@ -135,10 +142,22 @@ impl Hasher {
                     loop {
                         // The lock is held only to take one job; the hash runs without it.
                         let job = rx.lock().map(|r| r.recv());
-                        match job {
-                            Ok(Ok(job)) => job(&mut blocks),
-                            // The hasher was dropped (or a worker panicked holding the lock).
-                            _ => return,
+                        let Ok(Ok(job)) = job else {
+                            return; // the hasher was dropped
+                        };
+                        // A panic is a bug, but it must not take a worker away for good: its
+                        // caller hears `Failed` (the reply sender is dropped) and the worker
+                        // goes on with a fresh buffer.
+                        let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                            job(&mut blocks)
+                        }));
+                        if ran.is_err() {
+                            blocks = Vec::new();
+                        }
+                        // A stored hash with a larger memory cost than ours grew the buffer;
+                        // do not keep that for the worker's life.
+                        if blocks.len() > Params::DEFAULT_M_COST as usize {
+                            blocks = Vec::new();
                         }
                     }
                 });

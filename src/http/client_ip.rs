@@ -24,8 +24,9 @@ fn canonical(ip: IpAddr) -> IpAddr {
 }
 
 /// One `X-Forwarded-For` element: `1.2.3.4`, `1.2.3.4:567`, `2001:db8::1`, `[2001:db8::1]:80`.
-fn parse_entry(entry: &str) -> Option<IpAddr> {
-    let e = entry.trim();
+/// Bytes that are not UTF-8 make it unparsable like any other garbage.
+fn parse_entry(entry: &[u8]) -> Option<IpAddr> {
+    let e = std::str::from_utf8(entry).ok()?.trim();
     e.parse::<IpAddr>()
         .ok()
         .or_else(|| e.parse::<SocketAddr>().ok().map(|s| s.ip()))
@@ -37,10 +38,12 @@ fn parse_entry(entry: &str) -> Option<IpAddr> {
         .map(canonical)
 }
 
-/// The client address of a request from `peer` carrying `forwarded_for` header values (in order).
+/// The client address of a request from `peer` carrying `forwarded_for` header values (in order,
+/// as raw bytes: a line is never dropped whole for one bad byte, which would let a client hide
+/// the address the proxy appended after it).
 pub fn client_ip<'a>(
     peer: IpAddr,
-    forwarded_for: impl DoubleEndedIterator<Item = &'a str>,
+    forwarded_for: impl Iterator<Item = &'a [u8]>,
     trusted: &[IpNet],
 ) -> IpAddr {
     let is_trusted = |ip: &IpAddr| trusted.iter().any(|n| n.contains(ip));
@@ -49,8 +52,8 @@ pub fn client_ip<'a>(
         return client;
     }
     // Header values in order, each a comma-separated list: walk all entries right to left.
-    let values: Vec<&str> = forwarded_for.collect();
-    for entry in values.iter().rev().flat_map(|v| v.rsplit(',')) {
+    let values: Vec<&[u8]> = forwarded_for.collect();
+    for entry in values.iter().rev().flat_map(|v| v.rsplit(|b| *b == b',')) {
         match parse_entry(entry) {
             Some(ip) => {
                 client = ip;
@@ -68,7 +71,7 @@ fn from_headers(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr 
     let values = headers
         .get_all("x-forwarded-for")
         .iter()
-        .filter_map(|v| v.to_str().ok());
+        .map(|v| v.as_bytes());
     client_ip(peer, values, trusted)
 }
 
@@ -111,7 +114,11 @@ mod tests {
     #[test]
     fn untrusted_peer_is_the_client_whatever_the_header_says() {
         let trusted = nets(&["127.0.0.0/8"]);
-        let got = client_ip(ip("198.51.100.1"), ["203.0.113.9"].into_iter(), &trusted);
+        let got = client_ip(
+            ip("198.51.100.1"),
+            [b"203.0.113.9".as_slice()].into_iter(),
+            &trusted,
+        );
         assert_eq!(got, ip("198.51.100.1"));
     }
 
@@ -119,7 +126,7 @@ mod tests {
     fn trusted_peer_yields_the_right_most_untrusted_entry() {
         let trusted = nets(&["127.0.0.0/8", "10.0.0.0/8"]);
         let peer = ip("127.0.0.1");
-        let one = |h: &str| client_ip(peer, [h].into_iter(), &trusted);
+        let one = |h: &str| client_ip(peer, [h.as_bytes()].into_iter(), &trusted);
         assert_eq!(one("203.0.113.9"), ip("203.0.113.9"));
         // The client forged the left part; the proxies appended the rest.
         assert_eq!(one("1.1.1.1, 203.0.113.9, 10.0.0.5"), ip("203.0.113.9"));
@@ -130,7 +137,11 @@ mod tests {
         // Every entry trusted: the left-most one.
         assert_eq!(one("10.1.1.1, 10.0.0.5"), ip("10.1.1.1"));
         // Several header lines count as one list, in order.
-        let two = client_ip(peer, ["6.6.6.6", "203.0.113.9"].into_iter(), &trusted);
+        let two = client_ip(
+            peer,
+            [b"6.6.6.6".as_slice(), b"203.0.113.9"].into_iter(),
+            &trusted,
+        );
         assert_eq!(two, ip("203.0.113.9"));
         // No header: the peer.
         assert_eq!(client_ip(peer, std::iter::empty(), &trusted), peer);
@@ -141,7 +152,7 @@ mod tests {
         let trusted = nets(&["127.0.0.0/8"]);
         let got = client_ip(
             ip("::ffff:127.0.0.1"),
-            ["::ffff:203.0.113.9"].into_iter(),
+            [b"::ffff:203.0.113.9".as_slice()].into_iter(),
             &trusted,
         );
         assert_eq!(got, ip("203.0.113.9"));

@@ -215,17 +215,20 @@ impl SqliteStore {
     }
 
     /// Members of every chat `user_id` is in, by chat, in one query.
-    async fn members_of_chats_of(
-        &self,
+    async fn members_of_chats_of<'e, E>(
+        exec: E,
         user_id: &str,
-    ) -> StoreResult<HashMap<String, Vec<Member>>> {
+    ) -> StoreResult<HashMap<String, Vec<Member>>>
+    where
+        E: sqlx::Executor<'e, Database = Sqlite>,
+    {
         let rows = sqlx::query(
             "SELECT o.chat_id, o.user_id, o.delivered_seq, o.read_seq FROM chat_members me \
              JOIN chat_members o ON o.chat_id = me.chat_id WHERE me.user_id = ? \
              ORDER BY o.chat_id, o.position",
         )
         .bind(user_id)
-        .fetch_all(&self.reader)
+        .fetch_all(exec)
         .await?;
         let mut out: HashMap<String, Vec<Member>> = HashMap::new();
         for r in &rows {
@@ -635,6 +638,9 @@ impl Store for SqliteStore {
     }
 
     async fn chats_of(&self, user_id: &str) -> StoreResult<Vec<ChatSummary>> {
+        // One read transaction: the three queries see one snapshot (WAL), so a message
+        // committed between them cannot skew the unread count.
+        let mut tx = self.reader.begin().await?;
         // 1: the chats with the caller's read cursor and the last message (seqs have no gaps,
         // so it is the one at `last_seq`).
         let rows = sqlx::query(&format!(
@@ -645,10 +651,10 @@ impl Store for SqliteStore {
              WHERE me.user_id = ? ORDER BY c.created_at"
         ))
         .bind(user_id)
-        .fetch_all(&self.reader)
+        .fetch_all(&mut *tx)
         .await?;
         // 2: every member of those chats.
-        let mut members = self.members_of_chats_of(user_id).await?;
+        let mut members = Self::members_of_chats_of(&mut *tx, user_id).await?;
         // 3: the caller's own messages after their read cursor, per chat: unread is the rest.
         let own_after: HashMap<String, i64> = sqlx::query_as(
             "SELECT m.chat_id, COUNT(*) FROM chat_members me \
@@ -656,10 +662,11 @@ impl Store for SqliteStore {
              AND m.seq > me.read_seq WHERE me.user_id = ? GROUP BY m.chat_id",
         )
         .bind(user_id)
-        .fetch_all(&self.reader)
+        .fetch_all(&mut *tx)
         .await?
         .into_iter()
         .collect();
+        tx.commit().await?;
         let mut out = Vec::with_capacity(rows.len());
         for r in rows {
             let id: String = r.get("c_id");
@@ -697,14 +704,16 @@ impl Store for SqliteStore {
     }
 
     async fn chats_with_members(&self, user_id: &str) -> StoreResult<Vec<(Chat, Vec<Member>)>> {
+        let mut tx = self.reader.begin().await?;
         let rows = sqlx::query(
             "SELECT c.id, c.kind, c.title, c.last_seq, c.created_at FROM chat_members me \
              JOIN chats c ON c.id = me.chat_id WHERE me.user_id = ? ORDER BY c.created_at",
         )
         .bind(user_id)
-        .fetch_all(&self.reader)
+        .fetch_all(&mut *tx)
         .await?;
-        let mut members = self.members_of_chats_of(user_id).await?;
+        let mut members = Self::members_of_chats_of(&mut *tx, user_id).await?;
+        tx.commit().await?;
         Ok(rows
             .iter()
             .map(|r| {
@@ -969,6 +978,9 @@ pub async fn backup(src: &Path, dest: &Path) -> StoreResult<()> {
     if dest.exists() {
         return Err(StoreError::Conflict("the backup file already exists"));
     }
+    // Created empty and private first (VACUUM INTO accepts an empty file), so the copy is never
+    // readable by others, not even for a moment.
+    make_private(dest)?;
     let options = SqliteConnectOptions::from_str("sqlite://")?
         .filename(src)
         .read_only(true)
@@ -982,7 +994,6 @@ pub async fn backup(src: &Path, dest: &Path) -> StoreResult<()> {
         .execute(&pool)
         .await?;
     pool.close().await;
-    make_private(dest)?;
     Ok(())
 }
 
@@ -1009,8 +1020,17 @@ fn make_private(path: &Path) -> std::io::Result<()> {
             let file = Path::new(&name);
             if let Ok(meta) = std::fs::metadata(file) {
                 if meta.permissions().mode() & 0o077 != 0 {
-                    std::fs::set_permissions(file, std::fs::Permissions::from_mode(0o600))?;
-                    tracing::info!(file = %file.display(), "made the database file private (0600)");
+                    // A file someone else owns cannot be changed by us: say so, and go on.
+                    match std::fs::set_permissions(file, std::fs::Permissions::from_mode(0o600)) {
+                        Ok(()) => {
+                            tracing::info!(file = %file.display(), "made the database file private (0600)")
+                        }
+                        Err(e) => tracing::warn!(
+                            file = %file.display(),
+                            error = %e,
+                            "the database file is readable by others and cannot be made private"
+                        ),
+                    }
                 }
             }
         }

@@ -95,11 +95,21 @@ function escapeHtml(s) {
   return String(s).replace(/[&<>"']/g, (c) => ({ '&': '&amp;', '<': '&lt;', '>': '&gt;', '"': '&quot;', "'": '&#39;' })[c]);
 }
 
+/** Presence is shown to contacts only: the list changes when a chat makes someone a contact. */
+async function refreshUsers() {
+  const users = await state.sb.listUsers();
+  state.users = new Map(users.map((u) => [u.id, u]));
+  renderContacts();
+  renderPeerStatus();
+}
+
 async function openChat(peer) {
   const sb = state.sb;
   if (state.current) sb.leaveChat(state.current.chat.id).catch(() => {});
   const chat = await sb.getChat(peer.id);
+  const isNew = !state.chats.has(peer.id);
   state.chats.set(peer.id, chat);
+  if (isNew) refreshUsers().catch(() => {});
   state.current = { chat, peer };
   const joined = await sb.joinChat(chat.id);
   const map = state.messages.get(chat.id) || new Map();
@@ -296,12 +306,7 @@ async function start() {
     saveAuth(null);
     location.reload();
   });
-  sb.on('established', async () => {
-    const users = await sb.listUsers();
-    state.users = new Map(users.map((u) => [u.id, u]));
-    renderContacts();
-    renderPeerStatus();
-  });
+  sb.on('established', () => refreshUsers());
   sb.on('message', (m) => {
     upsert(m);
     if (state.current?.chat.id === m.chatId) {
@@ -310,7 +315,7 @@ async function start() {
     } else if (m.senderId !== state.auth.user.id) {
       state.unread.set(m.chatId, (state.unread.get(m.chatId) || 0) + 1);
       const peer = [...state.chats.entries()].find(([, c]) => c.id === m.chatId);
-      if (!peer) state.sb.listUsers().then(() => renderContacts());
+      if (!peer) refreshUsers().catch(() => {});
       renderContacts();
     }
   });

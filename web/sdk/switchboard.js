@@ -91,27 +91,37 @@ export class OutgoingQueue {
 
   /**
    * Sends every queued item in order with `send` (which resolves with the stored message);
-   * stops at the first failure and keeps it and the rest for the next flush.
+   * stops at the first failure and keeps it and the rest for the next flush. One flush runs at
+   * a time: a call while one is running returns false at once (the running one sends the rest).
    * @param {(item) => Promise<Message>} send
+   * @returns {Promise<boolean>} whether the queue is empty; `lastError` says why not.
    */
   async flush(send) {
-    while (this.items.length) {
-      const item = this.items[0];
-      let message;
-      try {
-        message = await send(item);
-      } catch (e) {
-        if (e && e.retryable === false) {
-          this.items.shift();
-          item.reject(e);
-          continue;
+    if (this.flushing) return false;
+    this.flushing = true;
+    this.lastError = null;
+    try {
+      while (this.items.length) {
+        const item = this.items[0];
+        let message;
+        try {
+          message = await send(item);
+        } catch (e) {
+          if (e && e.retryable === false) {
+            this.items.shift();
+            item.reject(e);
+            continue;
+          }
+          this.lastError = e;
+          return false;
         }
-        return false;
+        this.items.shift();
+        item.resolve(message);
       }
-      this.items.shift();
-      item.resolve(message);
+      return true;
+    } finally {
+      this.flushing = false;
     }
-    return true;
   }
 }
 
@@ -159,7 +169,7 @@ export class Switchboard extends EventTarget {
     this.userId = null;
     this.iceServers = [];
     this.wanted = false;
-    this.timers = { ping: null, reconnect: null };
+    this.timers = { ping: null, reconnect: null, flush: null };
   }
 
   on(event, handler) {
@@ -188,6 +198,7 @@ export class Switchboard extends EventTarget {
   close() {
     this.wanted = false;
     clearTimeout(this.timers.reconnect);
+    clearTimeout(this.timers.flush);
     clearInterval(this.timers.ping);
     if (this.ws) this.ws.close(1000, 'bye');
     this.failPending('disconnected');
@@ -302,7 +313,7 @@ export class Switchboard extends EventTarget {
       this.emit('error', e);
     }
     this.setStatus('connected');
-    await this.queue.flush((item) => this.sendNow(item));
+    await this.flushQueue();
   }
 
   deliver(message) {
@@ -371,10 +382,22 @@ export class Switchboard extends EventTarget {
   sendMessage(chatId, content, clientMsgId = newClientMsgId()) {
     return new Promise((resolve, reject) => {
       this.queue.push({ chatId, content, clientMsgId, resolve, reject });
-      if (this.status === 'connected' && this.queue.length === 1) {
-        this.queue.flush((item) => this.sendNow(item)).catch(() => {});
-      }
+      this.flushQueue();
     });
+  }
+
+  /**
+   * Sends what is queued while connected. When the server says `rate_limited` (or fails
+   * internally), the rest is retried after a pause instead of waiting for the next reconnect.
+   */
+  async flushQueue() {
+    if (this.status !== 'connected') return;
+    const empty = await this.queue.flush((item) => this.sendNow(item)).catch(() => false);
+    const e = this.queue.lastError;
+    if (!empty && e && (e.code === 'rate_limited' || e.code === 'internal')) {
+      clearTimeout(this.timers.flush);
+      this.timers.flush = setTimeout(() => this.flushQueue(), this.opts.retryPauseMs ?? 1000);
+    }
   }
 
   // Typed helpers for the chat events of PROTOCOL §2.1.

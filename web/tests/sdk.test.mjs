@@ -53,6 +53,24 @@ test('the outgoing queue sends in order and keeps what failed', async () => {
   assert.deepEqual(done, ['m1', 'm2', 'm3']);
 });
 
+test('one flush at a time, and the reason it stopped', async () => {
+  const q = new OutgoingQueue();
+  let release;
+  const gate = new Promise((r) => { release = r; });
+  q.push({ content: 'a', resolve: () => {}, reject: () => {} });
+  const first = q.flush(async () => { await gate; return 'a'; });
+  q.push({ content: 'b', resolve: () => {}, reject: () => {} });
+  assert.equal(await q.flush(async () => 'x'), false, 'a second flush does not run beside the first');
+  release();
+  assert.equal(await first, true, 'the running flush sent what was queued meanwhile');
+  assert.equal(q.length, 0);
+  q.push({ content: 'c', resolve: () => {}, reject: () => {} });
+  const limited = Object.assign(new Error('slow down'), { retryable: true, code: 'rate_limited' });
+  assert.equal(await q.flush(async () => { throw limited; }), false);
+  assert.equal(q.lastError, limited);
+  assert.equal(q.length, 1);
+});
+
 test('media errors map to clear reasons', () => {
   assert.equal(mediaError({ name: 'NotFoundError' }).reason, 'no-device');
   assert.equal(mediaError({ name: 'NotAllowedError' }).reason, 'permission-denied');
