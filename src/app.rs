@@ -46,12 +46,12 @@ pub struct AppState {
 
 /// What the REST API and the WebSocket need of the running TURN server.
 pub struct TurnInfo {
-    pub shared: Arc<crate::turn::gate::Shared>,
+    pub handle: Arc<crate::turn::TurnHandle>,
     pub ice: crate::turn::IceConfig,
-    own_ips: Vec<std::net::IpAddr>,
-    relay_ports: std::ops::RangeInclusive<u16>,
     /// Where `/readyz` sends its STUN probe (the listener, via loopback when it binds 0.0.0.0).
     pub probe_addr: SocketAddr,
+    /// The certificate of TURN over TLS, when `turn.listen_tls` is on (reloaded on SIGHUP).
+    pub tls: Option<crate::tls::TlsReloader>,
 }
 
 /// Keys a SIGHUP applies to the running process; every other change needs a restart.
@@ -68,6 +68,9 @@ pub const RELOADABLE: &[&str] = &[
     "turn.user_quota",
     "turn.total_quota",
     "turn.max_allocation_lifetime",
+    "turn.max_bps_per_allocation",
+    "turn.tls_cert_file",
+    "turn.tls_key_file",
 ];
 
 /// `section.key` paths whose values differ between two configs.
@@ -104,13 +107,7 @@ impl TurnInfo {
         user_id: &str,
         host: &str,
     ) -> (serde_json::Value, crate::auth::turn_rest::TurnCredential) {
-        let secret = self
-            .shared
-            .secrets
-            .read()
-            .expect("secrets lock")
-            .current
-            .clone();
+        let secret = self.handle.current_secret();
         self.ice
             .ice_servers(&secret, user_id, host, crate::time::now_ms() / 1000)
     }
@@ -150,36 +147,37 @@ impl AppState {
         let turn = match &self.turn {
             Some(t) if new.turn.enabled => {
                 let current = secret_or_generate(&new.turn.secret, &new.data_dir, "turn_secret")?;
-                let filter = crate::turn::filter::PeerFilter::new(
-                    &new.turn.allow_peers,
-                    &new.turn.deny_peers,
-                    t.own_ips.clone(),
-                    t.relay_ports.clone(),
-                )?;
-                Some((t, current, filter))
+                let limits = crate::turn::Limits::from_config(&new.turn)?;
+                let tls = match (&t.tls, new.turn.tls_pair(&new.http)) {
+                    (Some(_), Some((cert, key))) => Some(crate::tls::load_with_alpn(
+                        cert,
+                        key,
+                        &[crate::tls::ALPN_TURN],
+                    )?),
+                    _ => None,
+                };
+                Some((t, current, limits, tls))
             }
             _ => None,
         };
         if let (Some(reloader), Some(config)) = (&self.tls, tls) {
             reloader.set(config);
         }
-        if let Some((t, current, filter)) = turn {
-            let mut secrets = t.shared.secrets.write().expect("secrets lock");
+        if let Some((t, current, limits, tls)) = turn {
+            let old = t.handle.secrets();
             // A rotated secret keeps the old one valid, unless a previous one is configured.
             let previous = if !new.turn.previous_secret.is_empty() {
                 Some(new.turn.previous_secret.clone())
-            } else if secrets.current != current {
-                Some(secrets.current.clone())
+            } else if old.current != current {
+                Some(old.current.clone())
             } else {
-                secrets.previous.clone()
+                old.previous.clone()
             };
-            *secrets = crate::turn::gate::Secrets { current, previous };
-            *t.shared.filter.write().expect("filter lock") = filter;
-            t.shared.policy.lock().expect("policy lock").set_limits(
-                new.turn.user_quota,
-                new.turn.total_quota,
-                new.turn.max_allocation_lifetime.as_millis() as i64,
-            );
+            t.handle
+                .reload(crate::turn::engine::Secrets { current, previous }, &limits);
+            if let (Some(reloader), Some(config)) = (&t.tls, tls) {
+                reloader.set(config);
+            }
         }
         Ok(changed_keys(&self.config, new)
             .into_iter()
@@ -279,6 +277,8 @@ pub struct Running {
     pub addr: SocketAddr,
     /// The TURN server's UDP address, when enabled.
     pub turn_addr: Option<SocketAddr>,
+    /// All of the TURN server's addresses, when enabled.
+    pub turn: Option<crate::turn::Addresses>,
     pub shutdown: CancellationToken,
     pub task: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
@@ -301,10 +301,12 @@ pub async fn spawn(
     let addr = listener.local_addr()?;
     let serve = prepare(config, shutdown.clone()).await?;
     let turn_addr = serve.turn_addr();
+    let turn = serve.turn_addresses();
     let task = tokio::spawn(serve.run(listener));
     Ok(Running {
         addr,
         turn_addr,
+        turn,
         shutdown,
         task,
     })
@@ -364,14 +366,16 @@ pub struct Prepared {
 }
 
 pub async fn prepare(config: Config, shutdown: CancellationToken) -> anyhow::Result<Prepared> {
-    prepare_with_tls(config, shutdown, None).await
+    prepare_with_tls(config, shutdown, None, None).await
 }
 
-/// [`prepare`] for an HTTP listener that serves TLS with `tls`.
+/// [`prepare`] for an HTTP listener that serves TLS with `tls` on port `https` (TURN over TLS
+/// may share it).
 pub async fn prepare_with_tls(
     mut config: Config,
     shutdown: CancellationToken,
     tls: Option<crate::http::tls::TlsReloader>,
+    https: Option<u16>,
 ) -> anyhow::Result<Prepared> {
     config.resolve_secrets()?;
     create_private_dir(&config.data_dir)
@@ -385,30 +389,47 @@ pub async fn prepare_with_tls(
         ),
         None => None,
     };
+    let turn_tls = match (
+        config.turn.enabled && !config.turn.listen_tls.is_empty(),
+        config.turn.tls_pair(&config.http),
+    ) {
+        (true, Some((cert, key))) => Some(crate::tls::TlsReloader::new(
+            crate::tls::load_with_alpn(cert, key, &[crate::tls::ALPN_TURN])
+                .context("turn.tls_cert_file")?,
+        )),
+        _ => None,
+    };
     let turn_server = if config.turn.enabled {
         let secret = secret_or_generate(&config.turn.secret, &config.data_dir, "turn_secret")?;
-        Some(crate::turn::TurnServer::start(&config.turn, secret).await?)
+        Some(crate::turn::TurnServer::start(&config.turn, secret, turn_tls.clone()).await?)
     } else {
         None
     };
-    let turn = turn_server.as_ref().map(|t| TurnInfo {
-        probe_addr: match t.local_addr.ip() {
-            ip if ip.is_unspecified() && ip.is_ipv4() => {
-                SocketAddr::from(([127, 0, 0, 1], t.local_addr.port()))
-            }
-            ip if ip.is_unspecified() => {
-                SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, t.local_addr.port()))
-            }
-            _ => t.local_addr,
-        },
-        own_ips: t.own_ips.clone(),
-        relay_ports: t.relay_ports.clone(),
-        shared: t.shared.clone(),
-        ice: crate::turn::IceConfig {
-            public_host: config.turn.public_host.clone(),
-            udp_port: t.local_addr.port(),
-            ttl_secs: config.turn.credential_ttl.as_secs() as i64,
-        },
+    // TURN over TLS shares the HTTPS port when both are on.
+    let share_https = https.filter(|_| config.turn.share_https);
+    let turn = turn_server.as_ref().map(|t| {
+        let a = &t.handle.addresses;
+        TurnInfo {
+            probe_addr: match a.udp.ip() {
+                ip if ip.is_unspecified() && ip.is_ipv4() => {
+                    SocketAddr::from(([127, 0, 0, 1], a.udp.port()))
+                }
+                ip if ip.is_unspecified() => {
+                    SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, a.udp.port()))
+                }
+                _ => a.udp,
+            },
+            handle: t.handle.clone(),
+            tls: turn_tls.clone(),
+            ice: crate::turn::IceConfig {
+                public_host: config.turn.public_host.clone(),
+                udp_port: a.udp.port(),
+                tcp_port: a.tcp.map(|t| t.port()),
+                tls_port: a.tls.map(|t| t.port()),
+                https_port: share_https,
+                ttl_secs: config.turn.credential_ttl.as_secs() as i64,
+            },
+        }
     });
     let keys = build_keys(&config, &jwt_secret)?;
     let db_path = config.sqlite_path();
@@ -478,7 +499,14 @@ impl Prepared {
 
     /// Where the TURN server listens (UDP), when enabled.
     pub fn turn_addr(&self) -> Option<SocketAddr> {
-        self.turn_server.as_ref().map(|t| t.local_addr)
+        self.turn_server.as_ref().map(|t| t.handle.addresses.udp)
+    }
+
+    /// The TURN server's addresses, when enabled.
+    pub fn turn_addresses(&self) -> Option<crate::turn::Addresses> {
+        self.turn_server
+            .as_ref()
+            .map(|t| t.handle.addresses.clone())
     }
 
     /// Serves until shutdown, then drains: sessions close with 1012 and finish their writes,
@@ -514,6 +542,9 @@ impl Prepared {
             }
             HttpListener::Tls(listener) => {
                 tracing::info!(addr = %axum::serve::Listener::local_addr(&listener)?, "https listening");
+                if let (Some(turn), true) = (&state.turn, state.config.turn.share_https) {
+                    listener.share_with_turn(turn.handle.streams());
+                }
                 // Through `tap_io` (a no-op here) axum knows how to give handlers the peer address.
                 let listener = axum::serve::ListenerExt::tap_io(listener, |_| {});
                 axum::serve(listener, make).with_graceful_shutdown(stop).await

@@ -153,8 +153,16 @@ impl Default for AuthConfig {
 pub struct TurnConfig {
     pub enabled: bool,
     pub listen_udp: String,
+    /// TURN over TCP (RFC 8656 §3.1), e.g. `0.0.0.0:3478`; empty: off.
     pub listen_tcp: String,
+    /// TURN over TLS, e.g. `0.0.0.0:5349`; empty: off.
     pub listen_tls: String,
+    /// Certificate and key of TURN over TLS; unset: the `http.tls_*` pair.
+    pub tls_cert_file: Option<PathBuf>,
+    pub tls_key_file: Option<PathBuf>,
+    /// TURN over TLS is also accepted on the HTTPS listener (`http.tls_*`): a TLS client that
+    /// asks for no HTTP protocol (ALPN) and speaks STUN goes to TURN.
+    pub share_https: bool,
     pub public_host: String,
     pub public_ip: String,
     pub realm: String,
@@ -171,6 +179,10 @@ pub struct TurnConfig {
     pub deny_peers: Vec<String>,
     pub user_quota: u32,
     pub total_quota: u32,
+    /// Per allocation and direction, bits per second; 0: no cap. Excess packets are dropped.
+    pub max_bps_per_allocation: u64,
+    /// All allocations together, per direction, bits per second; 0: no cap.
+    pub total_bps: u64,
 }
 
 impl Default for TurnConfig {
@@ -180,6 +192,9 @@ impl Default for TurnConfig {
             listen_udp: "0.0.0.0:3478".into(),
             listen_tcp: String::new(),
             listen_tls: String::new(),
+            tls_cert_file: None,
+            tls_key_file: None,
+            share_https: true,
             public_host: String::new(),
             public_ip: String::new(),
             realm: "switchboard".into(),
@@ -194,6 +209,21 @@ impl Default for TurnConfig {
             deny_peers: Vec::new(),
             user_quota: 12,
             total_quota: 1000,
+            max_bps_per_allocation: 0,
+            total_bps: 0,
+        }
+    }
+}
+
+impl TurnConfig {
+    /// The certificate and key of TURN over TLS: its own pair, else the HTTPS one.
+    pub fn tls_pair<'a>(&'a self, http: &'a HttpConfig) -> Option<(&'a Path, &'a Path)> {
+        match (&self.tls_cert_file, &self.tls_key_file) {
+            (Some(c), Some(k)) => Some((c, k)),
+            _ => match (&http.tls_cert_file, &http.tls_key_file) {
+                (Some(c), Some(k)) => Some((c, k)),
+                _ => None,
+            },
         }
     }
 }
@@ -467,20 +497,64 @@ impl Config {
                     "expected `min-max` with 0 < min <= max",
                 ));
             }
-            if !t.listen_tcp.is_empty() {
+            if !t.listen_tcp.is_empty() && t.listen_tcp.parse::<SocketAddr>().is_err() {
                 return Err(bad(
                     "turn.listen_tcp",
-                    "TURN over TCP is not available in this build yet",
+                    "expected address:port, e.g. 0.0.0.0:3478 (or empty: off)",
                 ));
             }
             if !t.listen_tls.is_empty() {
-                return Err(bad(
-                    "turn.listen_tls",
-                    "TURN over TLS is not available in this build yet",
-                ));
+                if t.listen_tls.parse::<SocketAddr>().is_err() {
+                    return Err(bad(
+                        "turn.listen_tls",
+                        "expected address:port, e.g. 0.0.0.0:5349 (or empty: off)",
+                    ));
+                }
+                if t.tls_pair(&self.http).is_none() {
+                    return Err(bad(
+                        "turn.listen_tls",
+                        "needs a certificate: turn.tls_cert_file and turn.tls_key_file, or http.tls_*",
+                    ));
+                }
             }
-            if !t.public_ip.is_empty() && t.public_ip.parse::<std::net::IpAddr>().is_err() {
-                return Err(bad("turn.public_ip", "not an IP address"));
+            match (&t.tls_cert_file, &t.tls_key_file) {
+                (Some(_), None) => {
+                    return Err(bad(
+                        "turn.tls_key_file",
+                        "must be set with turn.tls_cert_file",
+                    ))
+                }
+                (None, Some(_)) => {
+                    return Err(bad(
+                        "turn.tls_cert_file",
+                        "must be set with turn.tls_key_file",
+                    ))
+                }
+                _ => {}
+            }
+            let mut families = (0, 0);
+            for part in t
+                .public_ip
+                .split(',')
+                .map(str::trim)
+                .filter(|p| !p.is_empty())
+            {
+                match part.parse::<std::net::IpAddr>() {
+                    Ok(std::net::IpAddr::V4(_)) => families.0 += 1,
+                    Ok(std::net::IpAddr::V6(_)) => families.1 += 1,
+                    Err(_) => {
+                        return Err(bad(
+                            "turn.public_ip",
+                            format!("`{part}` is not an IP address"),
+                        ))
+                    }
+                }
+            }
+            if families.0 > 1 || families.1 > 1 {
+                return Err(bad(
+                    "turn.public_ip",
+                    "at most one IPv4 and one IPv6 address, comma-separated",
+                ));
             }
             for (key, list) in [
                 ("turn.allow_peers", &t.allow_peers),

@@ -24,5 +24,6 @@ pub mod limits;
 pub mod store;
 pub mod telemetry;
 pub mod time;
+pub mod tls;
 pub mod turn;
 pub mod ws;

@@ -118,12 +118,21 @@ async fn run(
     let shutdown = CancellationToken::new();
     let (listener, tls) = switchboard::app::bind_http(&config).await?;
     let http = listener.local_addr()?;
-    let prepared = switchboard::app::prepare_with_tls(config, shutdown.clone(), tls).await?;
-    let turn = prepared.turn_addr();
+    let https = tls.as_ref().map(|_| http.port());
+    let prepared = switchboard::app::prepare_with_tls(config, shutdown.clone(), tls, https).await?;
     let state = prepared.state().clone();
     // Every listener is bound and the store is open: ready.
-    let status = match turn {
-        Some(t) => format!("serving http on {http}, turn on {t}/udp"),
+    let status = match prepared.turn_addresses() {
+        Some(t) => {
+            let mut s = format!("serving http on {http}, turn on {}/udp", t.udp);
+            if let Some(a) = t.tcp {
+                s += &format!(", {a}/tcp");
+            }
+            if let Some(a) = t.tls {
+                s += &format!(", {a}/tls");
+            }
+            s
+        }
         None => format!("serving http on {http}, turn disabled"),
     };
     notify(&[NotifyState::Ready, NotifyState::Status(&status)]);

@@ -1,12 +1,18 @@
 //! Which peers a relay may talk to, pure. Deny by default: loopback, unspecified, RFC 1918,
 //! CGNAT, link-local (with the 169.254.169.254 metadata address), multicast, benchmarking,
 //! reserved, documentation and broadcast IPv4; ::1, ::, ULA fc00::/7, link-local fe80::/10,
-//! multicast ff00::/8, NAT64 64:ff9b::/96, documentation 2001:db8::/32 — checked after
-//! canonicalising IPv4-mapped and IPv4-compatible IPv6 to IPv4, so `[::ffff:127.0.0.1]` is
-//! loopback. `turn.allow_peers` opens ranges, `turn.deny_peers` closes them (deny wins).
-//! This server's own relay addresses (relay IP, port in the relay range) are always allowed,
-//! so two clients relaying through us reach each other; other ports on those IPs are not.
+//! site-local fec0::/10, multicast ff00::/8, NAT64 64:ff9b::/96, 6to4 2002::/16 and Teredo
+//! 2001::/32 (both reach IPv4 space through a tunnel), documentation 2001:db8::/32, discard
+//! 100::/64 — checked after canonicalising IPv4-mapped and IPv4-compatible IPv6 to IPv4, so
+//! `[::ffff:127.0.0.1]` is loopback.
+//!
+//! The order of the rules: `turn.deny_peers` first (it beats everything, this server's own relay
+//! addresses included), then `turn.allow_peers`, then this host's own addresses (every interface
+//! address, read at start and on SIGHUP, and the relay IPs), which are peers only on a port of the
+//! relay range (another allocation here, handed over in-process: never a service of this host),
+//! then the default ranges.
 
+use std::collections::HashSet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::ops::RangeInclusive;
 
@@ -32,9 +38,13 @@ pub const DEFAULT_DENY: &[&str] = &[
     "::1/128",         // loopback
     "64:ff9b::/96",    // NAT64: would reach IPv4 behind a translator
     "64:ff9b:1::/48",  // local-use NAT64
+    "100::/64",        // discard-only
+    "2001::/32",       // Teredo: IPv4 behind a tunnel
     "2001:db8::/32",   // documentation
+    "2002::/16",       // 6to4: IPv4 behind a tunnel
     "fc00::/7",        // unique local
     "fe80::/10",       // link-local
+    "fec0::/10",       // site-local (deprecated, still routed on some LANs)
     "ff00::/8",        // multicast
 ];
 
@@ -49,7 +59,7 @@ pub struct PeerFilter {
     allow: Vec<IpNet>,
     deny: Vec<IpNet>,
     defaults: Vec<IpNet>,
-    own_ips: Vec<IpAddr>,
+    own_ips: HashSet<IpAddr>,
     relay_ports: RangeInclusive<u16>,
 }
 
@@ -83,46 +93,82 @@ pub fn canonical(ip: IpAddr) -> IpAddr {
     }
 }
 
+/// Every address of this host's interfaces (loopback included), or none if they cannot be read
+/// (then only the relay IPs count as own; the default ranges still cover loopback).
+pub fn host_addresses() -> Vec<IpAddr> {
+    match if_addrs::get_if_addrs() {
+        Ok(list) => list.iter().map(|i| canonical(i.ip())).collect(),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot list this host's addresses for the TURN peer filter");
+            Vec::new()
+        }
+    }
+}
+
 impl PeerFilter {
     pub fn new(
-        allow: &[String],
-        deny: &[String],
-        own_ips: Vec<IpAddr>,
+        allow: &[IpNet],
+        deny: &[IpNet],
+        own_ips: impl IntoIterator<Item = IpAddr>,
         relay_ports: RangeInclusive<u16>,
-    ) -> Result<Self, BadRange> {
-        Ok(Self {
-            allow: allow
-                .iter()
-                .map(|s| parse_range(s))
-                .collect::<Result<_, _>>()?,
-            deny: deny
-                .iter()
-                .map(|s| parse_range(s))
-                .collect::<Result<_, _>>()?,
+    ) -> Self {
+        Self {
+            allow: allow.to_vec(),
+            deny: deny.to_vec(),
             defaults: DEFAULT_DENY
                 .iter()
                 .map(|s| parse_range(s).expect("built-in ranges parse"))
                 .collect(),
             own_ips: own_ips.into_iter().map(canonical).collect(),
             relay_ports,
-        })
+        }
     }
 
+    fn within(nets: &[IpNet], ip: &IpAddr) -> bool {
+        nets.iter().any(|n| n.contains(ip))
+    }
+
+    /// Whether `peer` may be given a permission (CreatePermission, ChannelBind).
     pub fn allowed(&self, peer: SocketAddr) -> bool {
         let ip = canonical(peer.ip());
-        let own_ip = self.own_ips.contains(&ip);
-        if own_ip && self.relay_ports.contains(&peer.port()) {
-            return true;
-        }
-        let within = |nets: &[IpNet]| nets.iter().any(|n| n.contains(&ip));
-        if within(&self.deny) {
+        if Self::within(&self.deny, &ip) {
             return false;
         }
-        if within(&self.allow) {
+        if Self::within(&self.allow, &ip) {
             return true;
         }
-        // Our own addresses outside the relay range are the server's other services.
-        !own_ip && !within(&self.defaults)
+        if self.own_ips.contains(&ip) {
+            return self.relay_ports.contains(&peer.port());
+        }
+        !Self::within(&self.defaults, &ip)
+    }
+
+    /// Whether a permission for `ip` (any port) may stay when the filter changes.
+    pub fn allowed_ip(&self, ip: IpAddr) -> bool {
+        let ip = canonical(ip);
+        if Self::within(&self.deny, &ip) {
+            return false;
+        }
+        Self::within(&self.allow, &ip)
+            || self.own_ips.contains(&ip)
+            || !Self::within(&self.defaults, &ip)
+    }
+
+    /// Whether `peer` is one of this host's addresses that `allow_peers` does not open: such a
+    /// peer is reached only in-process (another allocation's relay port), never through the
+    /// kernel, and only on a relay port.
+    pub fn is_internal(&self, peer: SocketAddr) -> bool {
+        let ip = canonical(peer.ip());
+        self.own_ips.contains(&ip) && !Self::within(&self.allow, &ip)
+    }
+
+    /// Whether a packet to `peer` may leave: an internal address only on a relay port.
+    pub fn port_ok(&self, peer: SocketAddr) -> bool {
+        !self.is_internal(peer) || self.relay_ports.contains(&peer.port())
+    }
+
+    pub fn relay_ports(&self) -> &RangeInclusive<u16> {
+        &self.relay_ports
     }
 }
 
@@ -130,15 +176,17 @@ impl PeerFilter {
 mod tests {
     use super::*;
 
+    fn nets(v: &[&str]) -> Vec<IpNet> {
+        v.iter().map(|x| parse_range(x).unwrap()).collect()
+    }
+
     fn filter(allow: &[&str], deny: &[&str]) -> PeerFilter {
-        let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
         PeerFilter::new(
-            &s(allow),
-            &s(deny),
+            &nets(allow),
+            &nets(deny),
             vec!["203.0.113.7".parse().unwrap()],
             49152..=65535,
         )
-        .unwrap()
     }
 
     fn ok(f: &PeerFilter, addr: &str) -> bool {
@@ -184,6 +232,11 @@ mod tests {
             "[::127.0.0.1]:22",
             "[::10.0.0.1]:80",
             "[::ffff:0.0.0.0]:80",
+            // Tunnels into IPv4 space and other special IPv6 ranges.
+            "[2002:7f00:1::1]:80",
+            "[2001:0:4136:e378::1]:80",
+            "[fec0::1]:80",
+            "[100::1]:80",
         ] {
             assert!(!ok(&f, denied), "{denied} must be denied");
         }
@@ -214,11 +267,35 @@ mod tests {
             "a documentation address that is not ours"
         );
         // Loopback relays (a laptop, the tests) reach each other the same way.
-        let lo =
-            PeerFilter::new(&[], &[], vec!["127.0.0.1".parse().unwrap()], 40000..=40100).unwrap();
+        let lo = PeerFilter::new(&[], &[], vec!["127.0.0.1".parse().unwrap()], 40000..=40100);
         assert!(lo.allowed("127.0.0.1:40050".parse().unwrap()));
         assert!(!lo.allowed("127.0.0.1:40101".parse().unwrap()));
         assert!(!lo.allowed("127.0.0.2:40050".parse().unwrap()));
+        // Own addresses are reached in-process only, and only on relay ports.
+        assert!(lo.is_internal("127.0.0.1:40050".parse().unwrap()));
+        assert!(!lo.port_ok("127.0.0.1:22".parse().unwrap()));
+        assert!(lo.port_ok("8.8.8.8:22".parse().unwrap()));
+    }
+
+    #[test]
+    fn every_host_address_is_own_and_deny_beats_the_own_exemption() {
+        let own: Vec<IpAddr> = ["203.0.113.7", "198.51.100.20", "2001:db8:5::1"]
+            .iter()
+            .map(|s| s.parse().unwrap())
+            .collect();
+        let f = PeerFilter::new(&[], &[], own.clone(), 49152..=65535);
+        // A secondary IPv4 and a global IPv6 of this host: only relay ports.
+        assert!(!f.allowed("198.51.100.20:5432".parse().unwrap()));
+        assert!(f.allowed("198.51.100.20:50000".parse().unwrap()));
+        assert!(!f.allowed("[2001:db8:5::1]:22".parse().unwrap()));
+        // deny_peers beats the exemption.
+        let f = PeerFilter::new(&[], &nets(&["203.0.113.7"]), own.clone(), 49152..=65535);
+        assert!(!f.allowed("203.0.113.7:50000".parse().unwrap()));
+        assert!(!f.allowed_ip("203.0.113.7".parse().unwrap()));
+        // allow_peers opens an own address on any port, through the kernel (a local echo peer).
+        let f = PeerFilter::new(&nets(&["203.0.113.7"]), &[], own, 49152..=65535);
+        assert!(f.allowed("203.0.113.7:7".parse().unwrap()));
+        assert!(!f.is_internal("203.0.113.7:7".parse().unwrap()));
     }
 
     #[test]
@@ -240,7 +317,7 @@ mod tests {
 
     #[test]
     fn bad_ranges_are_named() {
-        let err = PeerFilter::new(&["10.0.0.0/99".into()], &[], vec![], 1..=2).unwrap_err();
+        let err = parse_range("10.0.0.0/99").unwrap_err();
         assert_eq!(err.value, "10.0.0.0/99");
     }
 }

@@ -1,29 +1,37 @@
-//! The embedded TURN/STUN server: the webrtc-rs `turn` crate behind our policy [`gate`]
-//! (REST-credential auth with secret rotation, expiry only at allocation time, quotas, peer
-//! filtering), with [`relay`] sockets that filter peers in both directions. [`filter`] and
-//! [`policy`] are pure. Must not import the hub, WebSocket or HTTP layers.
+//! The embedded TURN/STUN server: a sans-IO [`engine`] (RFC 8656 on the webrtc-rs `turn` and
+//! `stun` protocol types) driven by thin [`io`] shells — one UDP worker thread per core, tokio
+//! tasks for TURN over TCP and TLS (also on the HTTPS port, see `http::tls`). [`filter`] is the
+//! pure peer filter. Must not import the hub, WebSocket or HTTP layers.
 
+pub mod engine;
 pub mod filter;
-pub mod gate;
-pub mod nonce;
-pub mod policy;
-pub mod relay;
+pub mod io;
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket as StdUdpSocket};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket as StdUdpSocket};
 use std::ops::RangeInclusive;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use anyhow::Context;
 use serde_json::{json, Value};
-use tokio::net::UdpSocket;
-use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 use crate::auth::turn_rest;
 use crate::config::TurnConfig;
+use engine::{Engine, Nonces, QuotaBook, Secrets};
 use filter::PeerFilter;
-use gate::{AuthHandler, GateConn, Secrets, Shared};
-use policy::Policy;
+use io::{Inbox, RelayBinding};
+
+/// Most permissions and channels per allocation (an ICE agent needs a handful).
+const MAX_PERMISSIONS: usize = 64;
+const MAX_CHANNELS: usize = 64;
+/// Worker threads at most (the relay-port owner table keeps a worker in a byte).
+const MAX_WORKERS: usize = 64;
+
+/// CIDR strings of the config as ranges.
+pub fn nets(list: &[String]) -> Result<Vec<ipnet::IpNet>, filter::BadRange> {
+    list.iter().map(|s| filter::parse_range(s)).collect()
+}
 
 /// `"49152-65535"` → `49152..=65535`.
 pub fn parse_port_range(s: &str) -> Option<RangeInclusive<u16>> {
@@ -32,30 +40,37 @@ pub fn parse_port_range(s: &str) -> Option<RangeInclusive<u16>> {
     (a > 0 && a <= b).then_some(a..=b)
 }
 
-/// The address other machines reach this one at, when nothing is configured: the source
-/// address the kernel would use for a public destination (no packet is sent), or loopback.
-fn detect_local_ip() -> IpAddr {
+/// The address other machines reach this one at in `family`, when nothing is configured: the
+/// source address the kernel would pick for a public destination (no packet is sent).
+fn detect_ip(v6: bool) -> Option<IpAddr> {
     let probe = || -> std::io::Result<IpAddr> {
-        let s = StdUdpSocket::bind("0.0.0.0:0")?;
-        s.connect("203.0.113.1:9")?; // TEST-NET-3: only selects a route
+        let (bind, to): (SocketAddr, SocketAddr) = if v6 {
+            (
+                (Ipv6Addr::UNSPECIFIED, 0).into(),
+                "[2001:4860:4860::8888]:9".parse().expect("literal"),
+            )
+        } else {
+            (
+                (Ipv4Addr::UNSPECIFIED, 0).into(),
+                "203.0.113.1:9".parse().expect("literal"),
+            )
+        };
+        let s = StdUdpSocket::bind(bind)?;
+        s.connect(to)?;
         Ok(s.local_addr()?.ip())
     };
-    probe().unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST))
+    probe().ok().filter(|ip| !ip.is_unspecified())
 }
 
-/// How many sockets listen on the TURN port. The crate reads each listener in one sequential
-/// loop; with `SO_REUSEPORT` the kernel spreads clients over several sockets on the same port by
-/// a hash of their address, so a client always reaches the same loop, which keeps its
-/// allocations. A loop waits on locks and sends for every packet, so it is bound by latency
-/// more than by CPU: on 2 cores, `turnutils_uclient -y -m 8` took 20 s with one loop (6 % lost),
-/// 20 s with two and 10 s (coturn's time, nothing lost) with four; eight and sixteen cost no
-/// more CPU per packet than four. Hence four per core.
-fn listener_count() -> usize {
-    std::thread::available_parallelism().map_or(4, |n| (4 * n.get()).min(32))
+/// The worker threads: one per core.
+fn worker_count() -> usize {
+    std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .clamp(1, MAX_WORKERS)
 }
 
 /// `count` UDP sockets sharing `addr` (its port resolved once, for port 0).
-fn bind_listeners(addr: SocketAddr, count: usize) -> std::io::Result<Vec<UdpSocket>> {
+fn bind_listeners(addr: SocketAddr, count: usize) -> std::io::Result<Vec<StdUdpSocket>> {
     if addr.port() != 0 {
         // SO_REUSEPORT would let a second instance share the port with this one and split its
         // clients silently; a plain bind first makes it fail as "address in use" instead.
@@ -70,176 +85,353 @@ fn bind_listeners(addr: SocketAddr, count: usize) -> std::io::Result<Vec<UdpSock
     Ok(socks)
 }
 
-fn bind_reuseport(addr: SocketAddr) -> std::io::Result<UdpSocket> {
+fn bind_reuseport(addr: SocketAddr) -> std::io::Result<StdUdpSocket> {
     use socket2::{Domain, Protocol, Socket, Type};
     let sock = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
     #[cfg(unix)]
     sock.set_reuse_port(true)?;
+    if addr.is_ipv6() {
+        // `[::]` serves IPv4 clients too (as mapped addresses).
+        sock.set_only_v6(false)?;
+    }
     sock.set_nonblocking(true)?;
     sock.bind(&addr.into())?;
-    UdpSocket::from_std(sock.into())
+    Ok(sock.into())
+}
+
+/// Where the TURN server listens and relays, decided once at start.
+#[derive(Debug, Clone)]
+pub struct Addresses {
+    pub udp: SocketAddr,
+    pub tcp: Option<SocketAddr>,
+    pub tls: Option<SocketAddr>,
+    pub binding: RelayBinding,
+}
+
+/// The reloadable TURN settings.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub allow_peers: Vec<ipnet::IpNet>,
+    pub deny_peers: Vec<ipnet::IpNet>,
+    pub user_quota: u32,
+    pub total_quota: u32,
+    pub max_allocation_lifetime: Duration,
+    pub max_bps_per_allocation: u64,
+}
+
+impl Limits {
+    pub fn from_config(cfg: &TurnConfig) -> anyhow::Result<Limits> {
+        Ok(Limits {
+            allow_peers: nets(&cfg.allow_peers).context("turn.allow_peers")?,
+            deny_peers: nets(&cfg.deny_peers).context("turn.deny_peers")?,
+            user_quota: cfg.user_quota,
+            total_quota: cfg.total_quota,
+            max_allocation_lifetime: cfg.max_allocation_lifetime,
+            max_bps_per_allocation: cfg.max_bps_per_allocation,
+        })
+    }
+}
+
+/// What the rest of the process holds of a running TURN server: credentials to mint, the
+/// stream entry for the HTTPS demux, reload and stop.
+pub struct TurnHandle {
+    pub addresses: Addresses,
+    secrets: RwLock<Secrets>,
+    shared: Arc<io::Shared>,
+    quotas: Arc<Mutex<QuotaBook>>,
+    streams: Arc<io::stream::StreamHub>,
+    /// The relay IPs, which are this host's own addresses whatever the interfaces say.
+    relay_ips: Vec<IpAddr>,
+}
+
+impl TurnHandle {
+    /// The secret credentials are minted with now.
+    pub fn current_secret(&self) -> String {
+        self.secrets.read().expect("secrets lock").current.clone()
+    }
+
+    pub fn secrets(&self) -> Secrets {
+        self.secrets.read().expect("secrets lock").clone()
+    }
+
+    /// Where TURN-over-TLS connections found on the HTTPS port go.
+    pub fn streams(&self) -> Arc<io::stream::StreamHub> {
+        self.streams.clone()
+    }
+
+    fn filter(&self, limits: &Limits) -> PeerFilter {
+        let own: Vec<IpAddr> = filter::host_addresses()
+            .into_iter()
+            .chain(self.relay_ips.iter().copied())
+            .collect();
+        PeerFilter::new(
+            &limits.allow_peers,
+            &limits.deny_peers,
+            own,
+            self.addresses.binding.ports.clone(),
+        )
+    }
+
+    /// Applies new secrets and limits to every worker (SIGHUP); the host's addresses are read
+    /// again for the peer filter.
+    pub fn reload(&self, secrets: Secrets, limits: &Limits) {
+        *self.secrets.write().expect("secrets lock") = secrets.clone();
+        self.quotas
+            .lock()
+            .expect("quota lock")
+            .set_limits(limits.user_quota, limits.total_quota);
+        let reload = Arc::new(io::Reload {
+            secrets,
+            filter: self.filter(limits),
+            max_allocation_lifetime: limits.max_allocation_lifetime,
+            max_bps_per_allocation: limits.max_bps_per_allocation,
+        });
+        for w in &self.shared.workers {
+            w.send(Inbox::Reload(reload.clone()));
+        }
+    }
 }
 
 /// A running TURN server.
 pub struct TurnServer {
-    server: turn::server::Server,
-    pub shared: Arc<Shared>,
-    pub local_addr: SocketAddr,
-    pub relay_ip: IpAddr,
-    /// This server's relay IPs and port range, for rebuilding the peer filter on reload.
-    pub own_ips: Vec<IpAddr>,
-    pub relay_ports: RangeInclusive<u16>,
-    closer: tokio::task::JoinHandle<()>,
-    nonce_schedule: tokio::task::JoinHandle<()>,
+    pub handle: Arc<TurnHandle>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+    stop_streams: CancellationToken,
+    stream_tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl TurnServer {
-    /// Binds `turn.listen_udp` and starts serving. `secret` is the resolved current secret.
-    pub async fn start(cfg: &TurnConfig, secret: String) -> anyhow::Result<TurnServer> {
+    /// Binds the configured listeners and relays and starts serving. `secret` is the resolved
+    /// current secret; `tls` the certificate for `turn.listen_tls` (when set).
+    pub async fn start(
+        cfg: &TurnConfig,
+        secret: String,
+        tls: Option<crate::tls::TlsReloader>,
+    ) -> anyhow::Result<TurnServer> {
         let listen: SocketAddr = cfg.listen_udp.parse().with_context(|| {
             format!(
                 "turn.listen_udp: `{}` is not an address:port",
                 cfg.listen_udp
             )
         })?;
-        let ports =
-            parse_port_range(&cfg.relay_ports).context("turn.relay_ports: expected `min-max`")?;
-        let socks = bind_listeners(listen, listener_count())
-            .with_context(|| format!("turn.listen_udp {listen}"))?;
-        let local_addr = socks[0].local_addr()?;
-        let advertised_ip: IpAddr = if !cfg.public_ip.is_empty() {
-            cfg.public_ip.parse().context("turn.public_ip")?
-        } else if listen.ip().is_unspecified() {
-            detect_local_ip()
-        } else {
-            listen.ip()
+        let limits = Limits::from_config(cfg)?;
+        let workers = worker_count();
+        let socks =
+            bind_listeners(listen, workers).with_context(|| format!("turn.listen_udp {listen}"))?;
+        let udp = socks[0].local_addr()?;
+        let binding = relay_binding(cfg, listen)?;
+        let tcp = match cfg.listen_tcp.trim() {
+            "" => None,
+            a => Some(
+                tokio::net::TcpListener::bind(a.parse::<SocketAddr>().context("turn.listen_tcp")?)
+                    .await
+                    .with_context(|| format!("turn.listen_tcp {a}"))?,
+            ),
         };
-        let bind_ip = listen.ip();
-        let mut own_ips = vec![advertised_ip];
-        if !bind_ip.is_unspecified() && bind_ip != advertised_ip {
-            own_ips.push(bind_ip);
-        }
-        let filter = PeerFilter::new(
-            &cfg.allow_peers,
-            &cfg.deny_peers,
-            own_ips.clone(),
-            ports.clone(),
-        )?;
+        let tls_listener = match cfg.listen_tls.trim() {
+            "" => None,
+            a => Some(
+                tokio::net::TcpListener::bind(a.parse::<SocketAddr>().context("turn.listen_tls")?)
+                    .await
+                    .with_context(|| format!("turn.listen_tls {a}"))?,
+            ),
+        };
+        let addresses = Addresses {
+            udp,
+            tcp: tcp.as_ref().map(|l| l.local_addr()).transpose()?,
+            tls: tls_listener.as_ref().map(|l| l.local_addr()).transpose()?,
+            binding: binding.clone(),
+        };
         let secrets = Secrets {
             current: secret,
             previous: (!cfg.previous_secret.is_empty()).then(|| cfg.previous_secret.clone()),
         };
-        let policy = Policy::new(
-            cfg.user_quota,
-            cfg.total_quota,
-            cfg.max_allocation_lifetime.as_millis() as i64,
-        );
-        let shared = Arc::new(Shared::new(cfg.realm.clone(), secrets, filter, policy));
-        let mut conn_configs = Vec::with_capacity(socks.len());
-        for sock in socks {
-            conn_configs.push(turn::server::config::ConnConfig {
-                conn: Arc::new(GateConn::new(Arc::new(sock), shared.clone())?),
-                relay_addr_generator: Box::new(relay::Relays {
-                    bind_ip,
-                    advertised_ip,
-                    ports: ports.clone(),
-                    shared: shared.clone(),
-                }),
-            });
+        let relay_ips: Vec<IpAddr> = [
+            binding.advertised_v4,
+            binding.advertised_v6,
+            binding.bind_v4.filter(|ip| !ip.is_unspecified()),
+            binding.bind_v6.filter(|ip| !ip.is_unspecified()),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        let quotas = Arc::new(Mutex::new(QuotaBook::new(
+            limits.user_quota,
+            limits.total_quota,
+        )));
+        let mut nonce_key = [0u8; 32];
+        getrandom::fill(&mut nonce_key).map_err(|e| anyhow::anyhow!("random source: {e}"))?;
+        let mut polls = Vec::with_capacity(workers);
+        let mut handles = Vec::with_capacity(workers);
+        let mut inboxes = Vec::with_capacity(workers);
+        for _ in 0..workers {
+            let poll = mio::Poll::new().context("turn: cannot create a poll")?;
+            let waker = Arc::new(mio::Waker::new(poll.registry(), mio::Token(0))?);
+            let (tx, rx) = std::sync::mpsc::channel();
+            handles.push(io::new_handle(tx, waker));
+            polls.push(poll);
+            inboxes.push(rx);
         }
-        let (close_tx, mut close_rx) = mpsc::channel(256);
-        let server = turn::server::Server::new(turn::server::config::ServerConfig {
-            conn_configs,
-            realm: cfg.realm.clone(),
-            auth_handler: Arc::new(AuthHandler(shared.clone())),
-            channel_bind_timeout: std::time::Duration::ZERO,
-            alloc_close_notify: Some(close_tx),
-        })
-        .await
-        .context("cannot start the TURN server")?;
-        let closer_shared = shared.clone();
-        let closer = tokio::spawn(async move {
-            while let Some(info) = close_rx.recv().await {
-                closer_shared.allocation_closed(info.five_tuple.src_addr);
-            }
+        let shared = Arc::new(io::shared(handles, binding.clone()));
+        let streams = io::stream::StreamHub::new(shared.clone());
+        let handle = Arc::new(TurnHandle {
+            addresses: addresses.clone(),
+            secrets: RwLock::new(secrets.clone()),
+            shared: shared.clone(),
+            quotas: quotas.clone(),
+            streams: streams.clone(),
+            relay_ips,
         });
-        let (bell, bell_to) = doorbell(local_addr).await?;
-        let nonce_schedule = tokio::spawn(run_nonce_schedule(shared.clone(), bell, bell_to));
-        // The gate challenges clients with the crate's nonce: have one before serving.
-        tokio::time::timeout(Duration::from_secs(5), async {
-            loop {
-                let issued = shared.nonce_issued.notified();
-                if shared.has_nonce() {
-                    return;
-                }
-                issued.await;
-            }
-        })
-        .await
-        .context("the TURN server did not issue a nonce")?;
-        tracing::info!(addr = %local_addr, relay_ip = %advertised_ip, "turn listening (udp)");
+        let filter = handle.filter(&limits);
+        let mut threads = Vec::with_capacity(workers);
+        for (index, ((poll, rx), sock)) in polls.into_iter().zip(inboxes).zip(socks).enumerate() {
+            let mut salt = [0u8; 4];
+            getrandom::fill(&mut salt).map_err(|e| anyhow::anyhow!("random source: {e}"))?;
+            let engine = Engine::new(
+                engine::Config {
+                    realm: cfg.realm.clone(),
+                    relay_v4: binding.advertised_v4,
+                    relay_v6: binding.advertised_v6,
+                    max_allocation_lifetime: limits.max_allocation_lifetime,
+                    max_bps_per_allocation: limits.max_bps_per_allocation,
+                    total_bps: cfg.total_bps / workers as u64,
+                    max_permissions: MAX_PERMISSIONS,
+                    max_channels: MAX_CHANNELS,
+                },
+                secrets.clone(),
+                filter.clone(),
+                Nonces::new(nonce_key),
+                quotas.clone(),
+                salt,
+            );
+            threads.push(io::udp::spawn(io::udp::Setup {
+                index,
+                poll,
+                rx,
+                listeners: vec![sock],
+                engine,
+                filter: filter.clone(),
+                shared: shared.clone(),
+            })?);
+        }
+        let stop_streams = CancellationToken::new();
+        let mut stream_tasks = Vec::new();
+        if let Some(l) = tcp {
+            stream_tasks.push(tokio::spawn(io::stream::listen_tcp(
+                l,
+                streams.clone(),
+                stop_streams.clone(),
+            )));
+        }
+        if let Some(l) = tls_listener {
+            let tls = tls.context("turn.listen_tls needs a certificate: set turn.tls_cert_file and turn.tls_key_file (or http.tls_*)")?;
+            stream_tasks.push(tokio::spawn(io::stream::listen_tls(
+                l,
+                streams.clone(),
+                tls,
+                stop_streams.clone(),
+            )));
+        }
+        tracing::info!(
+            addr = %addresses.udp,
+            relay_v4 = ?binding.advertised_v4,
+            relay_v6 = ?binding.advertised_v6,
+            workers,
+            "turn listening (udp)"
+        );
+        if let Some(a) = addresses.tcp {
+            tracing::info!(addr = %a, "turn listening (tcp)");
+        }
+        if let Some(a) = addresses.tls {
+            tracing::info!(addr = %a, "turn listening (tls)");
+        }
         Ok(TurnServer {
-            server,
-            shared,
-            local_addr,
-            relay_ip: advertised_ip,
-            own_ips,
-            relay_ports: ports,
-            closer,
-            nonce_schedule,
+            handle,
+            threads,
+            stop_streams,
+            stream_tasks,
         })
     }
 
-    /// Stops the server: allocations close, the listening and relay ports are released.
+    /// Stops the server: workers end, listening and relay ports are released.
     pub async fn stop(self) {
-        if let Err(e) = self.server.close().await {
-            tracing::warn!(error = %e, "turn server close");
+        self.stop_streams.cancel();
+        for t in self.stream_tasks {
+            let _ = t.await;
         }
-        self.closer.abort();
-        self.nonce_schedule.abort();
-    }
-}
-
-/// A socket to ring the doorbell of the listener at `listener` from, and where to ring it: an
-/// empty datagram wakes a read loop that waits on an idle socket, so it picks up a probe.
-async fn doorbell(listener: SocketAddr) -> anyhow::Result<(UdpSocket, SocketAddr)> {
-    let to = match listener {
-        SocketAddr::V4(a) if a.ip().is_unspecified() => (Ipv4Addr::LOCALHOST, a.port()).into(),
-        SocketAddr::V6(a) if a.ip().is_unspecified() => {
-            (std::net::Ipv6Addr::LOCALHOST, a.port()).into()
+        for w in &self.handle.shared.workers {
+            w.send(Inbox::Stop);
         }
-        _ => listener,
-    };
-    let from: SocketAddr = if to.is_ipv4() {
-        (Ipv4Addr::UNSPECIFIED, 0).into()
-    } else {
-        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
-    };
-    let sock = UdpSocket::bind(from)
-        .await
-        .context("turn: the doorbell socket")?;
-    Ok((sock, to))
-}
-
-/// Keeps the gate's house nonces fresh ([`nonce`]): leaves each probe the schedule asks for
-/// with the gate, rings the doorbell, and sleeps until the schedule's next instant or the
-/// crate's answer.
-async fn run_nonce_schedule(shared: Arc<Shared>, bell: UdpSocket, bell_to: SocketAddr) {
-    loop {
-        let issued = shared.nonce_issued.notified();
-        let (probe, wait_ms) = shared.poll_probe();
-        if let Some(datagram) = probe {
-            shared.queue_probe(datagram);
-            if let Err(e) = bell.send_to(&[], bell_to).await {
-                tracing::warn!(error = %e, "turn: cannot ring the nonce doorbell");
+        let threads = self.threads;
+        let _ = tokio::task::spawn_blocking(move || {
+            for t in threads {
+                let _ = t.join();
             }
-        }
-        let wait = Duration::from_millis(wait_ms.clamp(10, 60_000) as u64);
-        tokio::select! {
-            _ = tokio::time::sleep(wait) => {}
-            _ = issued => {}
+        })
+        .await;
+        self.handle
+            .shared
+            .reservations
+            .lock()
+            .expect("reservations lock")
+            .clear();
+    }
+}
+
+/// Which families are relayed, bound where and advertised as what (RFC 6156: IPv6 relaying
+/// when listening on IPv6). `turn.public_ip` may name one address per family, comma-separated.
+fn relay_binding(cfg: &TurnConfig, listen: SocketAddr) -> anyhow::Result<RelayBinding> {
+    let ports =
+        parse_port_range(&cfg.relay_ports).context("turn.relay_ports: expected `min-max`")?;
+    let mut public_v4 = None;
+    let mut public_v6 = None;
+    for part in cfg
+        .public_ip
+        .split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+    {
+        match part.parse::<IpAddr>().context("turn.public_ip")? {
+            IpAddr::V4(v4) => public_v4 = Some(IpAddr::V4(v4)),
+            IpAddr::V6(v6) => public_v6 = Some(IpAddr::V6(v6)),
         }
     }
+    let ip = filter::canonical(listen.ip());
+    let (bind_v4, bind_v6) = match ip {
+        IpAddr::V4(v4) => (Some(IpAddr::V4(v4)), None),
+        IpAddr::V6(v6) if v6.is_unspecified() => (
+            Some(IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
+            Some(IpAddr::V6(Ipv6Addr::UNSPECIFIED)),
+        ),
+        v6 => (None, Some(v6)),
+    };
+    // Advertise the configured public IP, else the bound IP, else the detected one. A failed
+    // detection advertises loopback (a laptop without a network still relays locally); that
+    // opens nothing: own addresses are only ever reached in-process.
+    let advertise = |bind: Option<IpAddr>, public: Option<IpAddr>, v6: bool| -> Option<IpAddr> {
+        let bind = bind?;
+        public.or(Some(bind).filter(|b| !b.is_unspecified())).or_else(|| {
+            detect_ip(v6).or_else(|| {
+                if v6 {
+                    None
+                } else {
+                    tracing::warn!(
+                        "turn: cannot find this host's address; advertising 127.0.0.1 (set turn.public_ip)"
+                    );
+                    Some(IpAddr::V4(Ipv4Addr::LOCALHOST))
+                }
+            })
+        })
+    };
+    let advertised_v4 = advertise(bind_v4, public_v4, false);
+    let advertised_v6 = advertise(bind_v6, public_v6, true);
+    Ok(RelayBinding {
+        bind_v4: bind_v4.filter(|_| advertised_v4.is_some()),
+        bind_v6: bind_v6.filter(|_| advertised_v6.is_some()),
+        advertised_v4,
+        advertised_v6,
+        ports,
+    })
 }
 
 /// What browsers need to reach the TURN server (PROTOCOL §4).
@@ -248,6 +440,12 @@ pub struct IceConfig {
     /// `turn.public_host`; empty: the host the client used for the HTTP API.
     pub public_host: String,
     pub udp_port: u16,
+    /// `turn.listen_tcp`'s port, when enabled.
+    pub tcp_port: Option<u16>,
+    /// `turn.listen_tls`'s port, when enabled.
+    pub tls_port: Option<u16>,
+    /// The HTTPS listener's port, when TURN over TLS shares it (`turn.share_https`).
+    pub https_port: Option<u16>,
     pub ttl_secs: i64,
 }
 
@@ -282,12 +480,11 @@ impl IceConfig {
         } else {
             &self.public_host
         };
-        let host = uri_host(host);
         let cred = turn_rest::mint(secret, user_id, now, self.ttl_secs);
         let servers = json!([
-            {"urls": [format!("stun:{host}:{}", self.udp_port)]},
+            {"urls": [format!("stun:{}:{}", uri_host(host), self.udp_port)]},
             {
-                "urls": [format!("turn:{host}:{}?transport=udp", self.udp_port)],
+                "urls": self.uris(request_host),
                 "username": cred.username,
                 "credential": cred.password,
             }
@@ -295,17 +492,23 @@ impl IceConfig {
         (servers, cred)
     }
 
+    /// Every enabled TURN transport as a URI: UDP, TCP, TLS, and TLS on the HTTPS port.
     pub fn uris(&self, request_host: &str) -> Vec<String> {
         let host = if self.public_host.is_empty() {
             host_of(request_host)
         } else {
             &self.public_host
         };
-        vec![format!(
-            "turn:{}:{}?transport=udp",
-            uri_host(host),
-            self.udp_port
-        )]
+        let host = uri_host(host);
+        let mut out = vec![format!("turn:{host}:{}?transport=udp", self.udp_port)];
+        if let Some(p) = self.tcp_port {
+            out.push(format!("turn:{host}:{p}?transport=tcp"));
+        }
+        for p in [self.tls_port, self.https_port].into_iter().flatten() {
+            out.push(format!("turns:{host}:{p}?transport=tcp"));
+        }
+        out.dedup();
+        out
     }
 }
 
@@ -331,6 +534,9 @@ mod tests {
         let ice = IceConfig {
             public_host: String::new(),
             udp_port: 3478,
+            tcp_port: None,
+            tls_port: None,
+            https_port: None,
             ttl_secs: 60,
         };
         let (servers, cred) = ice.ice_servers("s", "u1", "[::1]:8080", 1000);
@@ -345,6 +551,21 @@ mod tests {
         assert_eq!(
             ice.uris("10.0.0.5:8080"),
             vec!["turn:turn.example.org:3478?transport=udp"]
+        );
+        let ice = IceConfig {
+            tcp_port: Some(3478),
+            tls_port: Some(5349),
+            https_port: Some(443),
+            ..ice
+        };
+        assert_eq!(
+            ice.uris("x"),
+            vec![
+                "turn:turn.example.org:3478?transport=udp",
+                "turn:turn.example.org:3478?transport=tcp",
+                "turns:turn.example.org:5349?transport=tcp",
+                "turns:turn.example.org:443?transport=tcp",
+            ]
         );
     }
 }

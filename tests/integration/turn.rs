@@ -34,9 +34,10 @@ fn now_secs() -> i64 {
 /// What a client saw: (method, class, error code) of every STUN message it received.
 type Seen = Arc<Mutex<Vec<(Method, stun::message::MessageClass, Option<u16>, i64)>>>;
 
-/// The client's socket, tapped: it records the server's responses, and can ask the server for a
-/// short allocation lifetime (so the client refreshes within a test) by adding LIFETIME to its
-/// Allocate and re-signing it.
+/// The client's socket, tapped: it records the server's responses, and can make the client
+/// believe in a short allocation lifetime (so it refreshes within a test): the server grants at
+/// least 600 s (RFC 8656 §7.2), and the tap rewrites the LIFETIME of its Allocate and Refresh
+/// answers, re-signed with the client's key.
 struct Tap {
     sock: UdpSocket,
     key: Vec<u8>,
@@ -50,9 +51,10 @@ impl Tap {
         let mut m = Message::new();
         m.raw = buf.to_vec();
         m.decode().ok()?;
-        let allocate =
-            m.typ.method == stun::message::METHOD_ALLOCATE && m.typ.class == CLASS_REQUEST;
-        if !allocate || !m.contains(stun::attributes::ATTR_MESSAGE_INTEGRITY) {
+        let answers_lifetime = (m.typ.method == stun::message::METHOD_ALLOCATE
+            || m.typ.method == stun::message::METHOD_REFRESH)
+            && m.typ.class == CLASS_SUCCESS_RESPONSE;
+        if !answers_lifetime || !m.contains(stun::attributes::ATTR_LIFETIME) {
             return None;
         }
         let mut out = Message::new();
@@ -62,6 +64,7 @@ impl Tap {
         for a in &m.attributes.0 {
             if a.typ != stun::attributes::ATTR_MESSAGE_INTEGRITY
                 && a.typ != stun::attributes::ATTR_FINGERPRINT
+                && a.typ != stun::attributes::ATTR_LIFETIME
             {
                 out.add(a.typ, &a.value);
             }
@@ -72,7 +75,9 @@ impl Tap {
         stun::integrity::MessageIntegrity(self.key.clone())
             .add_to(&mut out)
             .ok()?;
-        stun::fingerprint::FINGERPRINT.add_to(&mut out).ok()?;
+        if m.contains(stun::attributes::ATTR_FINGERPRINT) {
+            stun::fingerprint::FINGERPRINT.add_to(&mut out).ok()?;
+        }
         Some(out.raw)
     }
 }
@@ -86,7 +91,11 @@ impl Conn for Tap {
         Ok(self.recv_from(buf).await?.0)
     }
     async fn recv_from(&self, buf: &mut [u8]) -> webrtc_util::Result<(usize, SocketAddr)> {
-        let (n, from) = self.sock.recv_from(buf).await?;
+        let (mut n, from) = self.sock.recv_from(buf).await?;
+        if let Some(b) = self.rewrite(&buf[..n]) {
+            buf[..b.len()].copy_from_slice(&b);
+            n = b.len();
+        }
         let mut m = Message::new();
         m.raw = buf[..n].to_vec();
         if stun::message::is_message(&buf[..n]) && m.decode().is_ok() {
@@ -103,10 +112,7 @@ impl Conn for Tap {
         Ok(self.sock.send(buf).await?)
     }
     async fn send_to(&self, buf: &[u8], target: SocketAddr) -> webrtc_util::Result<usize> {
-        match self.rewrite(buf) {
-            Some(b) => Ok(self.sock.send_to(&b, target).await.map(|_| buf.len())?),
-            None => Ok(self.sock.send_to(buf, target).await?),
-        }
+        Ok(self.sock.send_to(buf, target).await?)
     }
     fn local_addr(&self) -> webrtc_util::Result<SocketAddr> {
         Ok(self.sock.local_addr()?)
@@ -293,8 +299,8 @@ async fn two_clients_relay_to_each_other_and_keep_working_after_the_credential_e
     let s = TestServer::start_with(turn_config).await;
     let server = s.turn_addr().unwrap();
     let u = s.register("alice").await;
-    // A short credential (3 s) and a short allocation lifetime (6 s), so that the client's own
-    // refreshes (every lifetime/2) happen after the credential expired.
+    // A short credential (3 s) and a short allocation lifetime as the client sees it (6 s), so
+    // that its own refreshes (every lifetime/2) happen after the credential expired.
     let cred = switchboard::auth::turn_rest::mint(SECRET, &u.id, now_secs(), 3);
     let a = TurnClient::new(
         server,
@@ -505,8 +511,15 @@ async fn default_config_relays_nothing_to_loopback_private_or_metadata_peers() {
     for t in &targets {
         let _ = relay.send_to(b"should not arrive", *t).await;
     }
+    // The client asks for one permission after the other: wait for the answers.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while c.errors(stun::message::METHOD_CREATE_PERMISSION).len() < 3
+        && tokio::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let mut buf = [0u8; 64];
-    let heard = tokio::time::timeout(Duration::from_millis(1500), victim.recv_from(&mut buf)).await;
+    let heard = tokio::time::timeout(Duration::from_millis(1000), victim.recv_from(&mut buf)).await;
     assert!(heard.is_err(), "the loopback service received relayed data");
     let refused = c.errors(stun::message::METHOD_CREATE_PERMISSION);
     assert!(
@@ -614,11 +627,11 @@ fn code_of(m: &Message) -> Option<u16> {
     code.get_from(m).ok().map(|_| code.code.0)
 }
 
-/// The gate answers nonce challenges itself with one house nonce, so a flood of requests
-/// without credentials (from any number of source ports) leaves no nonce behind in the crate;
-/// RFC 8489 §9.2.4's order of 401, 400 and 438 holds, and the house nonce allocates.
+/// Nonces are stateless and bound to the client's address: every stranger gets a 401 with
+/// realm and nonce and no reason phrase, a nonce works only from the address it was given to,
+/// and RFC 8489 §9.2.4's order of 401, 400 and 438 holds.
 #[tokio::test]
-async fn nonce_challenges_share_one_house_nonce_and_follow_the_rfc_order() {
+async fn nonces_are_bound_to_the_client_and_the_rfc_order_holds() {
     use stun::attributes::{ATTR_NONCE, ATTR_REALM, ATTR_USERNAME};
     use stun::textattrs::TextAttribute;
     let s = TestServer::start_with(turn_config).await;
@@ -627,18 +640,23 @@ async fn nonce_challenges_share_one_house_nonce_and_follow_the_rfc_order() {
     let transport = turn::proto::reqtrans::RequestedTransport {
         protocol: turn::proto::PROTO_UDP,
     };
-    // No credentials: 401 with realm and nonce, the same nonce for every client.
+    // No credentials: 401 with realm and a nonce, small and without a reason phrase.
     let mut nonces = std::collections::HashSet::new();
+    let mut socks = Vec::new(); // kept open: 200 distinct client addresses
     for _ in 0..200 {
         let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let res = stun_request(&sock, server, &[&transport]).await;
+        socks.push(sock);
         assert_eq!(res.typ.class, CLASS_ERROR_RESPONSE);
         assert_eq!(code_of(&res), Some(401));
         assert_eq!(text_attr(&res, ATTR_REALM).as_deref(), Some("switchboard"));
+        let mut code = stun::error_code::ErrorCodeAttribute::default();
+        code.get_from(&res).unwrap();
+        assert!(code.reason.is_empty(), "no reason phrase for strangers");
+        assert!(res.raw.len() <= 72, "{} bytes", res.raw.len());
         nonces.insert(text_attr(&res, ATTR_NONCE).expect("a nonce"));
     }
-    assert_eq!(nonces.len(), 1, "one house nonce: {nonces:?}");
-    let house = nonces.into_iter().next().unwrap();
+    assert_eq!(nonces.len(), 200, "one nonce per client address");
 
     let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let (user, pass) = rest_credentials(&s, &u).await;
@@ -652,7 +670,7 @@ async fn nonce_challenges_share_one_house_nonce_and_follow_the_rfc_order() {
     // Credentials without a nonce: 400.
     let res = stun_request(&sock, server, &[&transport, &username, &realm, &integrity]).await;
     assert_eq!(code_of(&res), Some(400));
-    // A nonce the gate never gave out: 438 with the house nonce.
+    // A nonce the server never gave out: 438 with one for this client.
     let bogus = TextAttribute::new(ATTR_NONCE, "not-a-nonce-of-ours".into());
     let res = stun_request(
         &sock,
@@ -661,9 +679,18 @@ async fn nonce_challenges_share_one_house_nonce_and_follow_the_rfc_order() {
     )
     .await;
     assert_eq!(code_of(&res), Some(438));
-    assert_eq!(text_attr(&res, ATTR_NONCE).as_deref(), Some(house.as_str()));
-    // The house nonce with good credentials allocates, integrity-protected.
-    let nonce = TextAttribute::new(ATTR_NONCE, house.clone());
+    let mine = text_attr(&res, ATTR_NONCE).unwrap();
+    // Another client's nonce: 438 too.
+    let theirs = TextAttribute::new(ATTR_NONCE, nonces.iter().next().unwrap().clone());
+    let res = stun_request(
+        &sock,
+        server,
+        &[&transport, &username, &realm, &theirs, &integrity],
+    )
+    .await;
+    assert_eq!(code_of(&res), Some(438));
+    // Its own nonce with good credentials allocates, integrity-protected.
+    let nonce = TextAttribute::new(ATTR_NONCE, mine.clone());
     let res = stun_request(
         &sock,
         server,
@@ -674,13 +701,15 @@ async fn nonce_challenges_share_one_house_nonce_and_follow_the_rfc_order() {
     integrity
         .check(&mut res.clone())
         .expect("the success response is signed");
-    // A wrong password with the house nonce: 401 that again carries the house nonce.
+    // A wrong password: 401 with a fresh challenge.
     let wrong = stun::integrity::MessageIntegrity::new_long_term_integrity(
         username.text.clone(),
         "switchboard".into(),
         "wrong".into(),
     );
     let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let res = stun_request(&sock, server, &[&transport]).await;
+    let nonce = TextAttribute::new(ATTR_NONCE, text_attr(&res, ATTR_NONCE).unwrap());
     let res = stun_request(
         &sock,
         server,
@@ -688,6 +717,6 @@ async fn nonce_challenges_share_one_house_nonce_and_follow_the_rfc_order() {
     )
     .await;
     assert_eq!(code_of(&res), Some(401));
-    assert_eq!(text_attr(&res, ATTR_NONCE).as_deref(), Some(house.as_str()));
+    assert!(text_attr(&res, ATTR_NONCE).is_some());
     s.stop().await;
 }
