@@ -312,6 +312,32 @@ pub async fn spawn(
     })
 }
 
+/// [`spawn`] behind HTTPS with `http.tls_cert_file`/`http.tls_key_file` (TURN over TLS may share
+/// the port).
+pub async fn spawn_https(
+    config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<Running> {
+    let (Some(cert), Some(key)) = (&config.http.tls_cert_file, &config.http.tls_key_file) else {
+        anyhow::bail!("spawn_https needs http.tls_cert_file and http.tls_key_file");
+    };
+    let tls = crate::http::tls::TlsReloader::new(crate::http::tls::load(cert, key)?);
+    let addr = listener.local_addr()?;
+    let listener = crate::http::tls::TlsListener::new(listener, tls.clone())?;
+    let serve = prepare_with_tls(config, shutdown.clone(), Some(tls), Some(addr.port())).await?;
+    let turn_addr = serve.turn_addr();
+    let turn = serve.turn_addresses();
+    let task = tokio::spawn(serve.run(HttpListener::Tls(listener)));
+    Ok(Running {
+        addr,
+        turn_addr,
+        turn,
+        shutdown,
+        task,
+    })
+}
+
 /// The bound HTTP listener: plain TCP, or TLS.
 pub enum HttpListener {
     Plain(TcpListener),

@@ -47,8 +47,10 @@ enum Route {
     Sniff,
 }
 
+/// `stun.turn` decides first: no HTTP client offers it, while TURN clients may offer it beside
+/// `http/1.1` (coturn's offers `http/1.1`, `stun.turn`, `stun.nat-discovery`).
 fn route(alpn: &[Vec<u8>], turn: bool) -> Route {
-    if !turn || alpn.iter().any(|p| p == b"http/1.1" || p == b"h2") {
+    if !turn {
         Route::Http
     } else if alpn.iter().any(|p| p == crate::tls::ALPN_TURN) {
         Route::Turn
@@ -140,6 +142,7 @@ async fn accept(
         .map(|it| it.map(|p| p.to_vec()).collect())
         .unwrap_or_default();
     let route = route(&alpn, turn.is_some());
+    tracing::trace!(%addr, ?route, alpn = ?alpn.iter().map(|p| String::from_utf8_lossy(p).into_owned()).collect::<Vec<_>>(), "TLS client");
     let config = match route {
         Route::Http => config,
         Route::Turn => with_alpn(&config, &[crate::tls::ALPN_TURN]),
@@ -148,7 +151,7 @@ async fn accept(
     let mut tls = match start.into_stream(config).await {
         Ok(t) => t,
         Err(e) => {
-            tracing::debug!(error = %e, "TLS handshake failed");
+            tracing::debug!(error = %e, ?route, "TLS handshake failed");
             return;
         }
     };
@@ -271,6 +274,14 @@ mod tests {
         let v = |l: &[&[u8]]| l.iter().map(|p| p.to_vec()).collect::<Vec<_>>();
         assert_eq!(route(&v(&[b"h2", b"http/1.1"]), true), Route::Http);
         assert_eq!(route(&v(&[b"stun.turn"]), true), Route::Turn);
+        assert_eq!(
+            route(
+                &v(&[b"http/1.1", b"stun.turn", b"stun.nat-discovery"]),
+                true
+            ),
+            Route::Turn,
+            "coturn's client"
+        );
         assert_eq!(route(&v(&[]), true), Route::Sniff);
         assert_eq!(route(&v(&[b"acme-tls/1"]), true), Route::Http);
         assert_eq!(

@@ -7,10 +7,12 @@
 //! `[::ffff:127.0.0.1]` is loopback.
 //!
 //! The order of the rules: `turn.deny_peers` first (it beats everything, this server's own relay
-//! addresses included), then `turn.allow_peers`, then this host's own addresses (every interface
-//! address, read at start and on SIGHUP, and the relay IPs), which are peers only on a port of the
-//! relay range (another allocation here, handed over in-process: never a service of this host),
-//! then the default ranges.
+//! addresses included); then this host's own addresses (every interface address, read at start
+//! and on SIGHUP, and the relay IPs), which are peers only on a port of the relay range (another
+//! allocation here, handed over in-process: never a service of this host) — unless
+//! `turn.allow_peers` names the address itself (a /32 or /128 entry: a deliberate local peer,
+//! e.g. a benchmark's echo server); then `turn.allow_peers`; then the default ranges. Opening a
+//! LAN range does not open this host's own address in it.
 
 use std::collections::HashSet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -128,17 +130,24 @@ impl PeerFilter {
         nets.iter().any(|n| n.contains(ip))
     }
 
+    /// Whether `allow_peers` names `ip` itself (not just a range around it).
+    fn named(&self, ip: &IpAddr) -> bool {
+        self.allow
+            .iter()
+            .any(|n| n.prefix_len() == n.max_prefix_len() && n.contains(ip))
+    }
+
     /// Whether `peer` may be given a permission (CreatePermission, ChannelBind).
     pub fn allowed(&self, peer: SocketAddr) -> bool {
         let ip = canonical(peer.ip());
         if Self::within(&self.deny, &ip) {
             return false;
         }
+        if self.own_ips.contains(&ip) && !self.named(&ip) {
+            return self.relay_ports.contains(&peer.port());
+        }
         if Self::within(&self.allow, &ip) {
             return true;
-        }
-        if self.own_ips.contains(&ip) {
-            return self.relay_ports.contains(&peer.port());
         }
         !Self::within(&self.defaults, &ip)
     }
@@ -149,17 +158,17 @@ impl PeerFilter {
         if Self::within(&self.deny, &ip) {
             return false;
         }
-        Self::within(&self.allow, &ip)
-            || self.own_ips.contains(&ip)
+        self.own_ips.contains(&ip)
+            || Self::within(&self.allow, &ip)
             || !Self::within(&self.defaults, &ip)
     }
 
-    /// Whether `peer` is one of this host's addresses that `allow_peers` does not open: such a
+    /// Whether `peer` is one of this host's addresses that `allow_peers` does not name: such a
     /// peer is reached only in-process (another allocation's relay port), never through the
     /// kernel, and only on a relay port.
     pub fn is_internal(&self, peer: SocketAddr) -> bool {
         let ip = canonical(peer.ip());
-        self.own_ips.contains(&ip) && !Self::within(&self.allow, &ip)
+        self.own_ips.contains(&ip) && !self.named(&ip)
     }
 
     /// Whether a packet to `peer` may leave: an internal address only on a relay port.
@@ -292,10 +301,22 @@ mod tests {
         let f = PeerFilter::new(&[], &nets(&["203.0.113.7"]), own.clone(), 49152..=65535);
         assert!(!f.allowed("203.0.113.7:50000".parse().unwrap()));
         assert!(!f.allowed_ip("203.0.113.7".parse().unwrap()));
-        // allow_peers opens an own address on any port, through the kernel (a local echo peer).
-        let f = PeerFilter::new(&nets(&["203.0.113.7"]), &[], own, 49152..=65535);
+        // allow_peers naming an own address opens it on any port, through the kernel (a local
+        // echo peer)...
+        let f = PeerFilter::new(&nets(&["203.0.113.7"]), &[], own.clone(), 49152..=65535);
         assert!(f.allowed("203.0.113.7:7".parse().unwrap()));
         assert!(!f.is_internal("203.0.113.7:7".parse().unwrap()));
+        // ...but opening a range does not open this host's address in it.
+        let f = PeerFilter::new(&nets(&["198.51.100.0/24"]), &[], own, 49152..=65535);
+        assert!(
+            f.allowed("198.51.100.21:22".parse().unwrap()),
+            "a LAN neighbour"
+        );
+        assert!(
+            !f.allowed("198.51.100.20:22".parse().unwrap()),
+            "this host's own ssh"
+        );
+        assert!(f.is_internal("198.51.100.20:50000".parse().unwrap()));
     }
 
     #[test]

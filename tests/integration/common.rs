@@ -2,6 +2,8 @@
 //! that keeps pushes it has not been asked about yet.
 
 use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
@@ -46,6 +48,35 @@ impl TestServer {
         let mut config = test_config(dir.path());
         f(&mut config);
         Self::start_in(dir, config).await
+    }
+
+    /// The app behind HTTPS with a fresh self-signed certificate for localhost (in `dir`).
+    pub async fn start_https(f: impl FnOnce(&mut Config)) -> (Self, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = test_config(dir.path());
+        let (cert, key) = make_cert(dir.path(), "localhost");
+        config.http.tls_cert_file = Some(cert.clone());
+        config.http.tls_key_file = Some(key);
+        f(&mut config);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let running = switchboard::app::spawn_https(config, listener, CancellationToken::new())
+            .await
+            .unwrap();
+        let s = Self {
+            addr: running.addr,
+            http: reqwest::Client::new(),
+            dir,
+            running: Some(running),
+        };
+        (s, cert)
+    }
+
+    /// All of the TURN server's addresses.
+    pub fn turn(&self) -> switchboard::turn::Addresses {
+        self.running
+            .as_ref()
+            .and_then(|r| r.turn.clone())
+            .expect("TURN is on")
     }
 
     pub async fn start_in(dir: tempfile::TempDir, config: Config) -> Self {
@@ -287,4 +318,46 @@ impl Ws {
             }))
             .await;
     }
+}
+
+/// A self-signed certificate for localhost / 127.0.0.1: (cert.pem, key.pem).
+pub fn make_cert(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+    let (cert, key) = (
+        dir.join(format!("{name}.crt")),
+        dir.join(format!("{name}.key")),
+    );
+    let st = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "2",
+        ])
+        .args([
+            "-subj",
+            &format!("/CN={name}"),
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+        ])
+        .args([
+            "-addext",
+            "basicConstraints=critical,CA:FALSE",
+            "-addext",
+            "extendedKeyUsage=serverAuth",
+        ])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("openssl is installed (scripts/test.sh installs it)");
+    assert!(st.success());
+    (cert, key)
 }

@@ -206,3 +206,46 @@ async fn coturn_uclient_with_a_wrong_password_is_refused() {
     );
     s.stop().await;
 }
+
+/// Credentials minted with the test secret (what the REST API would hand out).
+fn minted(user: &str) -> (String, String) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let c = switchboard::auth::turn_rest::mint(crate::turn::SECRET, user, now, 600);
+    (c.username, c.password)
+}
+
+async fn uclient_c2c(port: u16, extra: &'static [&'static str]) -> (u64, u64) {
+    let (user, pass) = minted("stream-user");
+    let (totals, text) = tokio::task::spawn_blocking(move || {
+        let mut args = vec!["-y", "-m", "2"];
+        args.extend_from_slice(extra);
+        uclient(port, &user, &pass, &args)
+    })
+    .await
+    .unwrap();
+    totals.unwrap_or_else(|| panic!("uclient {extra:?} did not relay:\n{text}"))
+}
+
+#[tokio::test]
+async fn coturn_uclient_over_tcp_tls_and_the_shared_https_port() {
+    let (s, _cert) = TestServer::start_https(|c| {
+        turn_config(c);
+        c.turn.listen_tcp = "127.0.0.1:0".into();
+        c.turn.listen_tls = "127.0.0.1:0".into();
+    })
+    .await;
+    let t = s.turn();
+    for (port, extra, what) in [
+        (t.tcp.unwrap().port(), &["-t"][..], "TCP"),
+        (t.tls.unwrap().port(), &["-t", "-S"][..], "TLS"),
+        (s.addr.port(), &["-t", "-S"][..], "TLS on the HTTPS port"),
+    ] {
+        let (sent, recv) = uclient_c2c(port, extra).await;
+        assert!(sent > 0, "{what}");
+        assert!(recv >= sent * 95 / 100, "{what}: received {recv} of {sent}");
+    }
+    s.stop().await;
+}

@@ -74,18 +74,33 @@ impl StreamHub {
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(OUT_QUEUE);
         worker.send(Inbox::StreamOpen { client, tx });
         let (mut reader, mut writer) = tokio::io::split(io);
+        // Over TCP what is queued goes out in one write; over TLS each frame is a record of its
+        // own (clients such as coturn's read one message per record), flushed together.
+        let one_record_each = transport == Transport::Tls;
         let write = async move {
             let mut batch = Vec::with_capacity(4096);
             while let Some(frame) = rx.recv().await {
                 batch.clear();
-                batch.extend_from_slice(&frame);
-                while batch.len() < WRITE_BATCH {
+                let mut written = true;
+                if one_record_each {
+                    written &= writer.write_all(&frame).await.is_ok();
+                } else {
+                    batch.extend_from_slice(&frame);
+                }
+                while batch.len() < WRITE_BATCH && written {
                     match rx.try_recv() {
+                        Ok(more) if one_record_each => {
+                            written &= writer.write_all(&more).await.is_ok()
+                        }
                         Ok(more) => batch.extend_from_slice(&more),
                         Err(_) => break,
                     }
                 }
-                if writer.write_all(&batch).await.is_err() {
+                if !batch.is_empty() {
+                    written &= writer.write_all(&batch).await.is_ok();
+                }
+                // Flushed every time: TLS keeps written records until flushed.
+                if !written || writer.flush().await.is_err() {
                     return;
                 }
             }
