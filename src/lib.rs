@@ -17,6 +17,7 @@ pub mod app;
 pub mod auth;
 pub mod calls;
 pub mod config;
+pub mod doctor;
 pub mod error;
 pub mod http;
 pub mod hub;

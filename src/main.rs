@@ -44,6 +44,28 @@ enum Command {
         /// Where to write the copy (must not exist).
         file: PathBuf,
     },
+    /// Check from anywhere that calls will work: every TURN transport the server lists gets an
+    /// allocation and a relay-only WebRTC connection between two local peers. Exit 0 when all
+    /// work. Needs no config file.
+    Doctor {
+        /// The server's base URL, e.g. https://chat.example.org
+        url: String,
+        /// An access token (else --user with SWITCHBOARD_DOCTOR_PASSWORD, or a prompt).
+        #[arg(long)]
+        token: Option<String>,
+        /// Log in as this user.
+        #[arg(long)]
+        user: Option<String>,
+        /// A PEM certificate to trust besides the public roots (private CA, self-signed).
+        #[arg(long)]
+        ca_file: Option<PathBuf>,
+        /// How long each transport may take to connect.
+        #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// Loads and validates the config, with `*_file` secrets (and systemd credentials) read.
@@ -55,6 +77,17 @@ fn load(path: Option<&Path>) -> Result<Config, String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(Command::Doctor {
+        url,
+        token,
+        user,
+        ca_file,
+        timeout,
+        json,
+    }) = cli.command
+    {
+        return doctor(url, token, user, ca_file, timeout, json);
+    }
     let config = match load(cli.config.as_deref()) {
         Ok(c) => c,
         Err(e) => {
@@ -75,6 +108,66 @@ fn main() -> ExitCode {
         Command::Serve => {
             let log = switchboard::telemetry::init(&config.log);
             runtime(run(config, cli.config, log))
+        }
+        Command::Doctor { .. } => unreachable!("handled before the config is loaded"),
+    }
+}
+
+/// `switchboard doctor`: exit 0 when every transport works, 1 when one does not, 2 when the
+/// check could not run at all.
+fn doctor(
+    url: String,
+    token: Option<String>,
+    user: Option<String>,
+    ca_file: Option<PathBuf>,
+    timeout: std::time::Duration,
+    json: bool,
+) -> ExitCode {
+    let mut password = std::env::var("SWITCHBOARD_DOCTOR_PASSWORD").ok();
+    if user.is_some() && token.is_none() && password.is_none() {
+        eprint!("password: ");
+        let mut line = String::new();
+        if std::io::stdin().read_line(&mut line).is_ok() {
+            password = Some(line.trim_end_matches(['\r', '\n']).to_owned());
+        }
+    }
+    let opts = switchboard::doctor::Options {
+        url,
+        token,
+        user,
+        password,
+        ca_file,
+        timeout,
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("switchboard doctor: cannot start the runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match rt.block_on(switchboard::doctor::run(&opts)) {
+        Ok(report) => {
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&report).expect("the report serialises")
+                );
+            } else {
+                print!("{}", report.text());
+            }
+            if report.ok() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            eprintln!("switchboard doctor: {e:#}");
+            ExitCode::from(2)
         }
     }
 }

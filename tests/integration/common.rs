@@ -322,6 +322,11 @@ impl Ws {
 
 /// A self-signed certificate for localhost / 127.0.0.1: (cert.pem, key.pem).
 pub fn make_cert(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+    make_cert_for(dir, name, "DNS:localhost,IP:127.0.0.1")
+}
+
+/// A self-signed certificate with the given subjectAltName list: (cert.pem, key.pem).
+pub fn make_cert_for(dir: &Path, name: &str, san: &str) -> (PathBuf, PathBuf) {
     let (cert, key) = (
         dir.join(format!("{name}.crt")),
         dir.join(format!("{name}.key")),
@@ -342,7 +347,7 @@ pub fn make_cert(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
             "-subj",
             &format!("/CN={name}"),
             "-addext",
-            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+            &format!("subjectAltName={san}"),
         ])
         .args([
             "-addext",

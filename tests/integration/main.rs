@@ -7,6 +7,7 @@
 mod calls;
 mod common;
 mod coturn;
+mod doctor;
 mod hardening;
 mod ops;
 mod process;
