@@ -117,7 +117,7 @@ if [ "$NODE_TESTS" = 1 ]; then
     (cd web/tests && npm ci --no-audit --no-fund --loglevel=error)
     cargo build --quiet   # the browser tests drive target/debug/switchboard
     files=(web/tests/sdk.test.mjs)
-    if [ "$BROWSER_TESTS" = 1 ]; then files+=(web/tests/e2e.test.mjs); fi
+    if [ "$BROWSER_TESTS" = 1 ]; then files+=(web/tests/e2e.test.mjs web/tests/turn-transports.test.mjs); fi
     node --test --test-timeout=180000 "${files[@]}"
 fi
 
