@@ -720,3 +720,121 @@ async fn nonces_are_bound_to_the_client_and_the_rfc_order_holds() {
     assert!(text_attr(&res, ATTR_NONCE).is_some());
     s.stop().await;
 }
+
+/// RFC 6156: listening on IPv6, the server relays IPv6 (REQUESTED-ADDRESS-FAMILY); an IPv4 relay
+/// it cannot offer there is 440.
+#[tokio::test]
+async fn ipv6_relays_when_listening_on_ipv6_and_440_for_a_family_it_lacks() {
+    use stun::attributes::{ATTR_NONCE, ATTR_REALM, ATTR_USERNAME};
+    use stun::textattrs::TextAttribute;
+    if std::net::UdpSocket::bind("[::1]:0").is_err() {
+        panic!("this machine has no IPv6 loopback; the test needs one");
+    }
+    let s = TestServer::start_with(|c| {
+        turn_config(c);
+        c.turn.listen_udp = "[::1]:0".into();
+    })
+    .await;
+    let server = s.turn_addr().unwrap();
+    assert!(server.is_ipv6(), "{server}");
+    let u = s.register("alice").await;
+    let (user, pass) = rest_credentials(&s, &u).await;
+    let integrity = stun::integrity::MessageIntegrity::new_long_term_integrity(
+        user.clone(),
+        "switchboard".into(),
+        pass,
+    );
+    let transport = turn::proto::reqtrans::RequestedTransport {
+        protocol: turn::proto::PROTO_UDP,
+    };
+    let v6 = turn::proto::reqfamily::REQUESTED_FAMILY_IPV6;
+    for (family, expect_v6) in [(Some(&v6), true), (None, false)] {
+        let sock = UdpSocket::bind("[::1]:0").await.unwrap();
+        let res = stun_request(&sock, server, &[&transport]).await;
+        let nonce = TextAttribute::new(ATTR_NONCE, text_attr(&res, ATTR_NONCE).unwrap());
+        let username = TextAttribute::new(ATTR_USERNAME, user.clone());
+        let realm = TextAttribute::new(ATTR_REALM, "switchboard".into());
+        let mut attrs: Vec<&dyn Setter> = vec![&transport, &username, &realm, &nonce];
+        if let Some(f) = family {
+            attrs.push(f);
+        }
+        attrs.push(&integrity);
+        let res = stun_request(&sock, server, &attrs).await;
+        if expect_v6 {
+            assert_eq!(res.typ.class, CLASS_SUCCESS_RESPONSE, "{:?}", code_of(&res));
+            let mut relayed = turn::proto::relayaddr::RelayedAddress::default();
+            relayed.get_from(&res).unwrap();
+            assert_eq!(relayed.ip.to_string(), "::1");
+            assert!((41000..=41999).contains(&relayed.port), "{}", relayed.port);
+        } else {
+            assert_eq!(
+                code_of(&res),
+                Some(440),
+                "no IPv4 relay on an IPv6-only listener"
+            );
+        }
+    }
+    s.stop().await;
+}
+
+/// `turn.max_bps_per_allocation`: what goes over the cap is dropped and counted.
+#[tokio::test]
+async fn the_bandwidth_cap_drops_the_excess_and_counts_it() {
+    let s = TestServer::start_with(|c| {
+        turn_config(c);
+        c.turn.max_bps_per_allocation = 80_000; // 10 kB/s each way
+    })
+    .await;
+    let server = s.turn_addr().unwrap();
+    let u = s.register("alice").await;
+    let (user, pass) = rest_credentials(&s, &u).await;
+    let a = TurnClient::new(server, &user, &pass, None).await;
+    let b = TurnClient::new(server, &user, &pass, None).await;
+    let (ra, rb) = (
+        a.client.allocate().await.unwrap(),
+        b.client.allocate().await.unwrap(),
+    );
+    let (addr_a, addr_b) = (ra.local_addr().unwrap(), rb.local_addr().unwrap());
+    exchange(&ra, &rb, addr_a, addr_b, "warm-up").await;
+    // 100 kB in a burst: about 10 kB (the bucket) gets through.
+    let payload = vec![7u8; 1000];
+    for _ in 0..100 {
+        ra.send_to(&payload, addr_b).await.unwrap();
+    }
+    let mut got = 0;
+    while let Some((data, _)) = recv_within(&rb, Duration::from_millis(500)).await {
+        if data.len() == 1000 {
+            got += 1;
+        }
+    }
+    assert!(
+        got >= 5 && got <= 20,
+        "{got} of 100 packets passed a 10 kB/s cap"
+    );
+    // The drops show in the metrics (workers report them every second).
+    let mut dropped = 0.0;
+    for _ in 0..30 {
+        let text = s
+            .http
+            .get(s.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        dropped = text
+            .lines()
+            .find(|l| l.starts_with("switchboard_turn_dropped_packets_total{reason=\"bandwidth\"}"))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0);
+        if dropped > 0.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(dropped >= 50.0, "dropped packets counted: {dropped}");
+    let _ = (a.client.close().await, b.client.close().await);
+    s.stop().await;
+}

@@ -456,7 +456,10 @@ fn an_allocation_is_made_retransmissions_get_the_same_answer_and_others_437() {
         MessageType::new(METHOD_ALLOCATE, CLASS_SUCCESS_RESPONSE)
     );
     assert_eq!(m.transaction_id, txid);
-    assert_eq!(relayed(&m), format!("{RELAY_IP}:50123").parse::<SocketAddr>().unwrap());
+    assert_eq!(
+        relayed(&m),
+        format!("{RELAY_IP}:50123").parse::<SocketAddr>().unwrap()
+    );
     let mut mapped = XorMappedAddress::default();
     mapped.get_from(&m).unwrap();
     assert_eq!(SocketAddr::new(mapped.ip, mapped.port), client.src);
@@ -550,7 +553,10 @@ fn ipv6_relaying_is_440_unless_this_server_has_an_ipv6_relay() {
         &cred.sign(METHOD_ALLOCATE, &[&transport_udp(), &v6]),
     );
     assert_eq!(m.typ.class, CLASS_SUCCESS_RESPONSE);
-    assert_eq!(relayed(&m), "[2001:db8::7]:50000".parse::<SocketAddr>().unwrap());
+    assert_eq!(
+        relayed(&m),
+        "[2001:db8::7]:50000".parse::<SocketAddr>().unwrap()
+    );
     // An IPv4 peer on an IPv6-only allocation: 443.
     let m = h.ask(
         client,
