@@ -808,7 +808,7 @@ async fn the_bandwidth_cap_drops_the_excess_and_counts_it() {
         }
     }
     assert!(
-        got >= 5 && got <= 20,
+        (5..=20).contains(&got),
         "{got} of 100 packets passed a 10 kB/s cap"
     );
     // The drops show in the metrics (workers report them every second).
