@@ -47,9 +47,19 @@ def publish(key, title, body, profiles, headline):
     write_section(f"headline-{key}", "", headline, doc=ROOT / "README.md")
 
 
+def numeric(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 def medians(rounds):
-    """{metric: median over rounds} of a list of {metric: value} dicts."""
-    return {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
+    """{metric: median over rounds} of a list of {metric: value} dicts; text fields (a
+    workload's name) are left out (an even number of rounds would average them)."""
+    return {k: statistics.median(r[k] for r in rounds) for k in rounds[0] if numeric(rounds[0][k])}
+
+
+def spreads(rounds):
+    """{metric: (min, max) over rounds}, numeric fields only."""
+    return {k: (min(r[k] for r in rounds), max(r[k] for r in rounds)) for k in rounds[0] if numeric(rounds[0][k])}
 
 
 def ratio(ours, other):
@@ -57,10 +67,18 @@ def ratio(ours, other):
 
 
 def table(headers, rows):
-    """rows: (label, other, ours, better) -> markdown with the ratio ours/other."""
+    """rows: (label, other, ours, better[, other (min, max), ours (min, max)]) -> markdown with
+    the ratio ours/other, and each figure's spread over the rounds when given."""
     out = [f"| metric | {headers[0]} | {headers[1]} | ours / other | better |", "|---|---|---|---|---|"]
-    for label, other, ours, better in rows:
-        out.append(f"| {label} | {fmt(other)} | {fmt(ours)} | {ratio(ours, other)} | {better} |")
+    for row in rows:
+        label, other, ours, better = row[:4]
+        if len(row) == 6 and row[4][0] != row[4][1] or len(row) == 6 and row[5][0] != row[5][1]:
+            o = f"{fmt(other)} ({fmt(row[4][0])}–{fmt(row[4][1])})"
+            s = f"{fmt(ours)} ({fmt(row[5][0])}–{fmt(row[5][1])})"
+            rng = f"{ratio(ours, other)} ({ratio(row[5][0], row[4][1])}–{ratio(row[5][1], row[4][0])})"
+        else:
+            o, s, rng = fmt(other), fmt(ours), ratio(ours, other)
+        out.append(f"| {label} | {o} | {s} | {rng} | {better} |")
     return "\n".join(out)
 
 

@@ -4,27 +4,35 @@ side on this machine, in interleaved rounds (coturn, ours, coturn, ...), the fir
 each start discarded. Both use the TURN REST API secret, loopback, and comparable relay ranges
 (coturn 20000-29999, ours 30000-39999, outside the kernel's ephemeral range).
 
-Two clients drive both servers the same way:
-- coturn's `turnutils_uclient` with a `turnutils_peer` echo peer, for the classic figures;
+Each server is pinned to core 0 and every client and the echo peer to core 1 (`taskset`), so
+the figures measure the server, not two processes fighting over shared cores. Two clients drive
+both servers the same way:
+- coturn's `turnutils_uclient` with a `turnutils_peer` echo peer, for the classic figures, and
+  its TCP (`-t`) and TLS (`-t -S`) client legs;
 - `turn-load` (src/bin/turn-load.rs, plain UDP sockets and the `stun` crate, one thread per
-  worker), for what uclient cannot do: paced load with a loss criterion, allocations held open,
-  floods of unauthenticated requests.
+  worker), for what uclient cannot do: paced load with a loss criterion (100-byte packets, and
+  1000-byte ones for the payload rate), allocations held open, floods of unauthenticated
+  requests.
 
 Reported (medians over the kept rounds, and the ratio ours/coturn):
   cpu_us_per_pkt    server CPU time (utime+stime, /proc/PID/stat) per relayed packet at a fixed
                     offered load, channels (client -> peer and back = 2 relayed packets per echo)
   send_ind_cpu_us   the same on the Send-indication path (-s)
   c2c_msgs_per_s    client to client through two allocations (uclient -y -m 8), messages/s
-  mbit_per_s        payload throughput with 1000-byte packets
+  tcp_c2c_msgs_per_s, tls_c2c_msgs_per_s, tcp_cpu_us, tls_cpu_us
+                    the same with TCP and TLS clients (the relay legs stay UDP), and the
+                    server CPU per message delivered
   sat_pps           saturation: the highest paced client-to-client rate (turn-load, 4 pairs)
                     delivered with at most 1 % loss, over a sweep of offered rates
+  payload_mbit_s    the same sweep with 1000-byte packets (video-sized): payload Mbit/s at
+                    ≤ 1 % loss
   lat_p50/p99_us    one-way client-to-client latency at a moderate paced load
   kb_per_alloc      server RSS growth per allocation, 2000 allocations held open
   allocs_per_s      allocations per second (32 at a time)
   flood_mb          server RSS growth after N unauthenticated Allocate requests from 1000 ports
   flood_per_s       rate at which those were answered
 
-The TCP client leg (-t) is not measured: Switchboard's TURN listens on UDP only.
+Every figure is the median of the kept rounds, with the spread (min–max) beside it.
 
 --smoke: one tiny round each without warm-up, plot to a temp dir (scripts/test.sh runs it so
          it cannot rot).
@@ -82,11 +90,23 @@ def wait_udp(port, timeout=15):
     raise SystemExit(f"nothing answers STUN on port {port}")
 
 
+def pin(core):
+    """`taskset -c core` when there are two cores to split, else nothing."""
+    if (os.cpu_count() or 1) >= 2 and shutil.which("taskset"):
+        return ["taskset", "-c", str(core)]
+    return []
+
+
+PIN_SERVER = pin(0)
+PIN_LOAD = pin(1)
+
+
 class Server:
-    def __init__(self, name, cmd, port, env=None):
+    def __init__(self, name, cmd, port, env=None, tls_port=None):
         self.name = name
-        self.cmd = cmd
+        self.cmd = PIN_SERVER + cmd
         self.port = port
+        self.tls_port = tls_port
         self.env = env
         self.proc = None
 
@@ -115,7 +135,7 @@ def uclient(port, peer_port, args):
     # address and port back from the kernel would be refused (437, then 400 on channel bind).
     # So each run binds an address of its own: 127.0.1.1, 127.0.1.2, ...
     local = f"127.0.1.{next(UCLIENT_RUNS) % 254 + 1}"
-    cmd = ["turnutils_uclient", "-L", local, "-p", str(port), "-W", SECRET, "-u", "bench", "-e", "127.0.0.1", "-r", str(peer_port)]
+    cmd = PIN_LOAD + ["turnutils_uclient", "-L", local, "-p", str(port), "-W", SECRET, "-u", "bench", "-e", "127.0.0.1", "-r", str(peer_port)]
     cmd += args + ["127.0.0.1"]
     started = time.time()
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
@@ -134,7 +154,7 @@ def uclient(port, peer_port, args):
 def turn_load(load_bin, workload, port, on_ready=None, **kw):
     """Runs one turn-load workload; `on_ready` runs when it prints READY (allocations held)."""
     # Clients from 127.0.0.2: ports apart from uclient's, whose allocations outlive it.
-    cmd = [str(load_bin), workload, "--server", f"127.0.0.1:{port}", "--bind", "127.0.0.2", "--secret", SECRET]
+    cmd = PIN_LOAD + [str(load_bin), workload, "--server", f"127.0.0.1:{port}", "--bind", "127.0.0.2", "--secret", SECRET]
     for k, v in kw.items():
         cmd += [f"--{k}", str(v)]
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -152,9 +172,9 @@ def turn_load(load_bin, workload, port, on_ready=None, **kw):
     return result
 
 
-def sweep(load_bin, port, rates, seconds):
+def sweep(load_bin, port, rates, seconds, size=100):
     """Paced client-to-client relay at each offered rate: one dict per rate."""
-    return [turn_load(load_bin, "relay", port, pairs=4, rate=r, seconds=seconds) for r in rates]
+    return [turn_load(load_bin, "relay", port, pairs=4, rate=r, seconds=seconds, size=size) for r in rates]
 
 
 def measure(server, fresh, peer_port, load_bin, load):
@@ -172,12 +192,20 @@ def measure(server, fresh, peer_port, load_bin, load):
     sent, recv, t = uclient(port, peer_port, ["-y", "-m", str(load["c2c_m"]), "-n", str(load["n"]), "-l", "100", "-z", "0"])
     r["c2c_msgs_per_s"] = recv / t
     r["c2c_loss_pct"] = 100.0 * (sent - recv) / max(sent, 1)
-    sent, recv, t = uclient(port, peer_port, ["-m", str(load["m"]), "-n", str(load["n_big"]), "-l", "1000", "-z", "0"])
-    r["mbit_per_s"] = recv * 1000 * 8 / t / 1e6
+    # The TCP and TLS client legs (client to client, the relays themselves are UDP).
+    for key, leg_port, extra in [("tcp", port, ["-t"]), ("tls", server.tls_port, ["-t", "-S"])]:
+        c0 = cpu_seconds(pid)
+        sent, recv, t = uclient(leg_port, peer_port, extra + ["-y", "-m", str(load["c2c_m"]), "-n", str(load["n_stream"]), "-l", "100", "-z", "0"])
+        r[f"{key}_c2c_msgs_per_s"] = recv / t
+        r[f"{key}_cpu_us"] = (cpu_seconds(pid) - c0) * 1e6 / max(recv, 1)
+        r[f"{key}_loss_pct"] = 100.0 * (sent - recv) / max(sent, 1)
     # Saturation with a loss criterion, and latency at a moderate load.
     points = sweep(load_bin, port, load["rates"], load["seconds"])
     ok = [p["delivered_pps"] for p in points if p["loss_pct"] <= 1.0]
     r["sat_pps"] = max(ok) if ok else 0.0
+    big = sweep(load_bin, port, load["rates_big"], load["seconds"], size=1000)
+    ok = [p["delivered_pps"] * 1000 * 8 / 1e6 for p in big if p["loss_pct"] <= 1.0]
+    r["payload_mbit_s"] = max(ok) if ok else 0.0
     lat = turn_load(load_bin, "relay", port, pairs=4, rate=load["lat_rate"], seconds=load["seconds"])
     r["lat_p50_us"], r["lat_p99_us"] = lat["p50_us"], lat["p99_us"]
     r.update(memory(fresh(), load_bin, load))
@@ -219,8 +247,14 @@ METRICS = [
     ("echo_loss_pct", "echo loss at that load (%)", "lower"),
     ("c2c_msgs_per_s", "client-to-client messages/s (uclient -y -m 8)", "higher"),
     ("c2c_loss_pct", "client-to-client loss (%)", "lower"),
-    ("mbit_per_s", "payload Mbit/s, 1000 B packets", "higher"),
-    ("sat_pps", "saturation: client-to-client packets/s at ≤ 1 % loss (turn-load)", "higher"),
+    ("tcp_c2c_msgs_per_s", "TCP clients: client-to-client messages/s (uclient -t -y -m {c2c_m})", "higher"),
+    ("tcp_cpu_us", "  server CPU per message (µs), TCP clients", "lower"),
+    ("tcp_loss_pct", "  loss (%), TCP clients", "lower"),
+    ("tls_c2c_msgs_per_s", "TLS clients: client-to-client messages/s (uclient -t -S -y -m {c2c_m})", "higher"),
+    ("tls_cpu_us", "  server CPU per message (µs), TLS clients", "lower"),
+    ("tls_loss_pct", "  loss (%), TLS clients", "lower"),
+    ("sat_pps", "saturation: client-to-client packets/s at ≤ 1 % loss (turn-load, 100 B)", "higher"),
+    ("payload_mbit_s", "payload rate at ≤ 1 % loss, 1000 B packets (turn-load), Mbit/s", "higher"),
     ("lat_p50_us", "one-way latency p50 (µs) at {lat_rate} packets/s", "lower"),
     ("lat_p99_us", "one-way latency p99 (µs) at {lat_rate} packets/s", "lower"),
     ("kb_per_alloc", "server memory per allocation (kB), {allocs} held, fresh server", "lower"),
@@ -294,28 +328,42 @@ def main():
     load_bin = ROOT / "target" / profile_dir / "turn-load"
     rounds = 1 if args.smoke else args.rounds
     if args.smoke:
-        load = {"m": 1, "n": 200, "c2c_m": 2, "n_big": 200, "rates": [2000, 4000], "seconds": 1, "lat_rate": 2000,
-                "allocs": 20, "flood": 2000}
+        load = {"m": 1, "n": 200, "c2c_m": 2, "n_stream": 100, "rates": [2000, 4000], "rates_big": [1000, 2000], "seconds": 1,
+                "lat_rate": 2000, "allocs": 20, "flood": 2000}
     else:
-        load = {"m": 4, "n": 50000, "c2c_m": 8, "n_big": 20000, "rates": [10000, 20000, 40000, 60000, 80000, 100000, 120000, 150000],
+        load = {"m": 4, "n": 50000, "c2c_m": 8, "n_stream": 5000,
+                "rates": [10000, 20000, 40000, 60000, 80000, 100000, 120000, 150000, 200000],
+                "rates_big": [10000, 20000, 40000, 60000, 80000, 100000, 120000, 150000],
                 "seconds": 2, "lat_rate": 20000, "allocs": 2000, "flood": 1000000}
 
     tmp = Path(tempfile.mkdtemp(prefix="sb-turn-bench-"))
+    # One certificate for both servers' TLS listeners.
+    cert, key = tmp / "cert.pem", tmp / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                    "-days", "2", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
 
     def coturn(port):
+        tls = free_udp_port()
         return Server("coturn", [
-            "turnserver", "-n", "--listening-ip=127.0.0.1", f"--listening-port={port}", "--relay-ip=127.0.0.1",
+            "turnserver", "-n", "--listening-ip=127.0.0.1", f"--listening-port={port}", f"--tls-listening-port={tls}",
+            f"--cert={cert}", f"--pkey={key}", "--relay-ip=127.0.0.1",
             "--min-port=20000", "--max-port=29999", "--use-auth-secret", f"--static-auth-secret={SECRET}",
-            "--realm=switchboard", "--no-tls", "--no-dtls", "--allow-loopback-peers", "--no-cli",
+            "--realm=switchboard", "--no-dtls", "--allow-loopback-peers", "--no-cli",
             "--no-stdout-log", f"--log-file={tmp}/coturn-{port}.log", "--simple-log", f"--pidfile={tmp}/coturn-{port}.pid",
-        ], port)
+        ], port, tls_port=tls)
 
     def ours(port):
+        tls = free_udp_port()
         env = dict(os.environ)
         env.update({
             "SWITCHBOARD_DATA_DIR": str(tmp / f"data-{port}"),
             "SWITCHBOARD_HTTP__LISTEN": "127.0.0.1:0",
             "SWITCHBOARD_TURN__LISTEN_UDP": f"127.0.0.1:{port}",
+            "SWITCHBOARD_TURN__LISTEN_TCP": f"127.0.0.1:{port}",
+            "SWITCHBOARD_TURN__LISTEN_TLS": f"127.0.0.1:{tls}",
+            "SWITCHBOARD_TURN__TLS_CERT_FILE": str(cert),
+            "SWITCHBOARD_TURN__TLS_KEY_FILE": str(key),
             "SWITCHBOARD_TURN__RELAY_PORTS": "30000-39999",
             "SWITCHBOARD_TURN__SECRET": SECRET,
             "SWITCHBOARD_TURN__ALLOW_PEERS": '["127.0.0.1/32"]',  # the echo peer (benchmark only)
@@ -323,12 +371,12 @@ def main():
             "SWITCHBOARD_TURN__TOTAL_QUOTA": "100000",
             "SWITCHBOARD_LOG__LEVEL": "warn",
         })
-        return Server("switchboard", [str(binary)], port, env)
+        return Server("switchboard", [str(binary)], port, env, tls_port=tls)
 
     makers = {"coturn": coturn, "switchboard": ours}
     fresh = {name: (lambda make=make: make(free_udp_port())) for name, make in makers.items()}
     peer_port = free_udp_port()
-    peer = subprocess.Popen(["turnutils_peer", "-L", "127.0.0.1", "-p", str(peer_port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    peer = subprocess.Popen(PIN_LOAD + ["turnutils_peer", "-L", "127.0.0.1", "-p", str(peer_port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     servers = [coturn(free_udp_port()), ours(free_udp_port())]
     results = {s.name: [] for s in servers}
     curves = {s.name: [] for s in servers}
@@ -359,8 +407,10 @@ def main():
         shutil.rmtree(tmp, ignore_errors=True)
 
     med = {name: report.medians(rs) for name, rs in results.items()}
+    spread = {name: report.spreads(rs) for name, rs in results.items()}
     med_curves = {name: [report.medians([c[i] for c in cs]) for i in range(len(load["rates"]))] for name, cs in curves.items()}
-    rows = [(label.format(**load), med["coturn"][k], med["switchboard"][k], better) for k, label, better in METRICS]
+    rows = [(label.format(**load), med["coturn"][k], med["switchboard"][k], better, spread["coturn"][k], spread["switchboard"][k])
+            for k, label, better in METRICS]
     table = report.table(["coturn 4.6", "Switchboard"], rows)
     print()
     print(table)
@@ -378,20 +428,27 @@ def main():
 
 
 def write_docs(table, med, rounds, load, profiles):
+    pinned = "each server pinned to core 0, every client and the echo peer to core 1 (taskset)" if PIN_SERVER else "servers and clients share the cores"
     body = (
-        f"Machine: {report.machine()}; servers, clients and peer share the cores. "
+        f"Machine: {report.machine()}; {pinned}. "
         f"Command: `scripts/bench/turn.sh --rounds {rounds} --write-docs{' --profile' if profiles else ''}`.\n"
-        f"uclient load: `-m {load['m']} -n {load['n']} -l 100 -z 0` (CPU rows), `-y -m {load['c2c_m']}`, "
-        f"`-n {load['n_big']} -l 1000`; turn-load sweep: {', '.join(str(r) for r in load['rates'])} packets/s, "
-        f"{load['seconds']} s each. Medians of {rounds} interleaved rounds after a discarded warm-up.\n\n{table}\n\n"
+        f"uclient load: `-m {load['m']} -n {load['n']} -l 100 -z 0` (CPU rows), `-y -m {load['c2c_m']}` (UDP), "
+        f"`-t`/`-t -S -y -m {load['c2c_m']} -n {load['n_stream']}` (TCP/TLS); turn-load sweeps: "
+        f"{', '.join(str(r) for r in load['rates'])} packets/s of 100 B and "
+        f"{', '.join(str(r) for r in load['rates_big'])} packets/s of 1000 B, {load['seconds']} s each. "
+        f"Medians of {rounds} interleaved rounds after a discarded warm-up, the spread over the rounds "
+        f"(min–max) in brackets; the ratio's spread is the worst and best pairing of the rounds.\n\n{table}\n\n"
         "![TURN saturation sweep](bench/turn-saturation.png)"
     )
     c, s = med["coturn"], med["switchboard"]
     headline = (
         f"- TURN vs coturn 4.6: {report.ratio(s['cpu_us_per_pkt'], c['cpu_us_per_pkt'])}x the server CPU per relayed "
         f"packet, {report.ratio(s['sat_pps'], c['sat_pps'])}x the saturation rate at ≤ 1 % loss, "
-        f"{report.ratio(s['kb_per_alloc'], c['kb_per_alloc'])}x the memory per allocation, "
-        f"{report.ratio(s['allocs_per_s'], c['allocs_per_s'])}x the allocation rate; "
+        f"{report.ratio(s['payload_mbit_s'], c['payload_mbit_s'])}x the payload rate with 1000-byte packets, "
+        f"{report.ratio(s['tcp_c2c_msgs_per_s'], c['tcp_c2c_msgs_per_s'])}x / "
+        f"{report.ratio(s['tls_c2c_msgs_per_s'], c['tls_c2c_msgs_per_s'])}x the TCP / TLS client rates, "
+        f"{report.ratio(s['kb_per_alloc'], c['kb_per_alloc'])}x the memory per allocation "
+        f"({s['kb_per_alloc']:.1f} kB), {report.ratio(s['allocs_per_s'], c['allocs_per_s'])}x the allocation rate; "
         f"+{s['flood_mb']:.1f} MB (coturn +{c['flood_mb']:.1f} MB) after {load['flood']:,} unauthenticated Allocates."
     )
     report.publish("turn", "TURN relay (ours vs coturn)", body, profiles, headline)

@@ -14,7 +14,6 @@
 //! e.g. a benchmark's echo server); then `turn.allow_peers`; then the default ranges. Opening a
 //! LAN range does not open this host's own address in it.
 
-use std::collections::HashSet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::ops::RangeInclusive;
 
@@ -61,7 +60,7 @@ pub struct PeerFilter {
     allow: Vec<IpNet>,
     deny: Vec<IpNet>,
     defaults: Vec<IpNet>,
-    own_ips: HashSet<IpAddr>,
+    own_ips: crate::turn::engine::FastSet<IpAddr>,
     relay_ports: RangeInclusive<u16>,
 }
 

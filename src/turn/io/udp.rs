@@ -7,6 +7,8 @@
 //! busy one cannot starve the others; the inbox is served every turn.
 
 use std::collections::{HashMap, VecDeque};
+
+use crate::turn::engine::FastMap;
 use std::io::IoSliceMut;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -72,6 +74,32 @@ struct StreamInfo {
     opened: Instant,
 }
 
+/// The socket a datagram leaves by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Via {
+    Listener(usize),
+    Relay(usize),
+}
+
+/// Datagrams of one size from one socket to one destination, waiting to go out in one system
+/// call with UDP generic segmentation offload (`UDP_SEGMENT`): a burst of media packets from a
+/// peer to its client, or from a client to its peer, costs the kernel one send instead of one
+/// per packet. The last datagram of a run may be shorter.
+struct Run {
+    via: Via,
+    dest: SocketAddr,
+    src_ip: Option<IpAddr>,
+    seg: usize,
+    count: usize,
+    buf: Vec<u8>,
+}
+
+/// Bytes in one GSO send at most (the kernel's limit is 64 KiB).
+const GSO_BYTES: usize = 60_000;
+/// Largest datagram sent in a run: a segment must fit the path's MTU (1500 with IPv6 and UDP
+/// headers), or the kernel refuses the whole send.
+const GSO_MAX_SEGMENT: usize = 1400;
+
 /// The worker's sockets, engine and tables: everything but the receive buffers, so a datagram
 /// can be handled in its buffer while this is borrowed mutably.
 struct Io {
@@ -83,10 +111,11 @@ struct Io {
     listeners: Vec<Listener>,
     relays: Vec<Option<Relay>>,
     free: Vec<usize>,
-    by_key: HashMap<RelayKey, usize>,
+    by_key: FastMap<RelayKey, usize>,
     streams: HashMap<ClientId, StreamInfo>,
     ready: VecDeque<Token>,
     scratch: Vec<u8>,
+    run: Option<Run>,
     send_failures: u64,
     handoffs_dropped: u64,
 }
@@ -129,10 +158,11 @@ fn run(setup: Setup) -> std::io::Result<()> {
         listeners: Vec::new(),
         relays: Vec::new(),
         free: Vec::new(),
-        by_key: HashMap::new(),
+        by_key: FastMap::default(),
         streams: HashMap::new(),
         ready: VecDeque::new(),
         scratch: vec![0u8; SLOT],
+        run: None,
         send_failures: 0,
         handoffs_dropped: 0,
     };
@@ -221,6 +251,7 @@ fn run(setup: Setup) -> std::io::Result<()> {
             io.engine.handle_timeout(now.mono);
             io.commands(now);
         }
+        io.flush();
     }
 }
 
@@ -310,6 +341,7 @@ impl Io {
             for (buf, meta) in bufs.iter_mut().zip(metas.iter()).take(n) {
                 self.datagrams(token, buf, meta, now);
             }
+            self.flush();
             if n < quinn_udp::BATCH_SIZE {
                 return false;
             }
@@ -394,32 +426,124 @@ impl Io {
         }
     }
 
+    /// Queues a datagram: it joins the pending run when it can, else the run goes out first.
+    fn queue(&mut self, via: Via, dest: SocketAddr, src_ip: Option<IpAddr>, bytes: &[u8]) {
+        let max = self.max_segments(via);
+        if let Some(run) = &mut self.run {
+            let fits = run.via == via
+                && run.dest == dest
+                && run.src_ip == src_ip
+                && bytes.len() <= run.seg
+                && run.buf.len() + bytes.len() <= GSO_BYTES
+                && run.count < max;
+            if fits {
+                run.buf.extend_from_slice(bytes);
+                run.count += 1;
+                if bytes.len() < run.seg {
+                    self.flush(); // a shorter one can only be the last
+                }
+                return;
+            }
+            self.flush();
+        }
+        if max <= 1 || bytes.len() > GSO_MAX_SEGMENT {
+            self.transmit(via, dest, src_ip, bytes, None);
+            return;
+        }
+        let mut buf = Vec::with_capacity(GSO_BYTES);
+        buf.extend_from_slice(bytes);
+        self.run = Some(Run {
+            via,
+            dest,
+            src_ip,
+            seg: bytes.len(),
+            count: 1,
+            buf,
+        });
+    }
+
+    fn max_segments(&self, via: Via) -> usize {
+        match via {
+            Via::Listener(i) => self
+                .listeners
+                .get(i)
+                .map_or(1, |l| l.state.max_gso_segments()),
+            Via::Relay(i) => self
+                .relays
+                .get(i)
+                .and_then(|r| r.as_ref())
+                .map_or(1, |r| r.state.max_gso_segments()),
+        }
+        .min(64)
+    }
+
+    /// Sends the pending run, if any.
+    fn flush(&mut self) {
+        if let Some(run) = self.run.take() {
+            let seg = (run.count > 1).then_some(run.seg);
+            self.transmit(run.via, run.dest, run.src_ip, &run.buf, seg);
+        }
+    }
+
+    fn transmit(
+        &mut self,
+        via: Via,
+        dest: SocketAddr,
+        src_ip: Option<IpAddr>,
+        contents: &[u8],
+        segment_size: Option<usize>,
+    ) {
+        let t = Transmit {
+            destination: dest,
+            ecn: None,
+            contents,
+            segment_size,
+            src_ip,
+        };
+        let sent = match via {
+            Via::Listener(i) => self
+                .listeners
+                .get(i)
+                .map(|l| l.state.try_send(UdpSockRef::from(&l.sock), &t)),
+            Via::Relay(i) => self
+                .relays
+                .get(i)
+                .and_then(|r| r.as_ref())
+                .map(|r| r.state.try_send(UdpSockRef::from(&r.sock), &t)),
+        };
+        match (sent, segment_size) {
+            (Some(Ok(())), _) => {}
+            // A full socket buffer drops the run, as it would drop each datagram.
+            (Some(Err(e)), Some(seg)) if e.kind() != std::io::ErrorKind::WouldBlock => {
+                // GSO refused (a device without it): quinn-udp stops using it; this run goes
+                // out datagram by datagram.
+                for chunk in contents.chunks(seg) {
+                    self.transmit(via, dest, src_ip, chunk, None);
+                }
+            }
+            (_, seg) => {
+                self.send_failures += seg.map_or(1, |s| contents.len().div_ceil(s)) as u64;
+            }
+        }
+    }
+
     fn send_to_client(&mut self, client: ClientId, bytes: &[u8]) {
         match client.transport {
             Transport::Udp => {
-                let Some(l) = self.listeners.iter().find(|l| {
+                let Some(i) = self.listeners.iter().position(|l| {
                     l.local.port() == client.local.port()
                         && (l.local.ip().is_unspecified()
                             || canonical(l.local.ip()) == client.local.ip())
                 }) else {
                     return;
                 };
-                let destination = for_socket(client.src, l.local);
-                let src_ip = l
-                    .local
+                let local = self.listeners[i].local;
+                let destination = for_socket(client.src, local);
+                let src_ip = local
                     .ip()
                     .is_unspecified()
-                    .then(|| for_socket_ip(client.local.ip(), l.local));
-                let t = Transmit {
-                    destination,
-                    ecn: None,
-                    contents: bytes,
-                    segment_size: None,
-                    src_ip,
-                };
-                if l.state.try_send(UdpSockRef::from(&l.sock), &t).is_err() {
-                    self.send_failures += 1;
-                }
+                    .then(|| for_socket_ip(client.local.ip(), local));
+                self.queue(Via::Listener(i), destination, src_ip, bytes);
             }
             Transport::Tcp | Transport::Tls => {
                 if let Some(s) = self.streams.get(&client) {
@@ -478,16 +602,10 @@ impl Io {
             }
             return;
         }
-        let Some(r) = self
-            .by_key
-            .get(&relay)
-            .and_then(|i| self.relays[*i].as_ref())
-        else {
+        let Some(&slot) = self.by_key.get(&relay) else {
             return;
         };
-        if r.sock.send_to(payload, peer).is_err() {
-            self.send_failures += 1;
-        }
+        self.queue(Via::Relay(slot), peer, None, payload);
     }
 
     /// Carries out the engine's control commands.
@@ -610,6 +728,10 @@ impl Io {
         let Some(slot) = self.by_key.remove(&key) else {
             return;
         };
+        // A pending run may leave by this socket: it goes before the socket does.
+        if self.run.as_ref().is_some_and(|r| r.via == Via::Relay(slot)) {
+            self.flush();
+        }
         if let Some(mut r) = self.relays[slot].take() {
             let _ = self.poll.registry().deregister(&mut r.sock);
         }
