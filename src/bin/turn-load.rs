@@ -156,8 +156,26 @@ struct Allocation {
 }
 
 impl Allocation {
+    /// An allocation from a fresh socket. A socket whose port an earlier allocation still holds
+    /// (one whose release was lost while a server was overloaded) gets 437: it is kept bound,
+    /// so the kernel hands out another port, and the next one is tried.
     fn open(server: SocketAddr, bind: IpAddr, secret: &str, user: &str) -> io::Result<Allocation> {
-        let sock = UdpSocket::bind(SocketAddr::new(bind, 0))?;
+        let mut taken = Vec::new();
+        loop {
+            let sock = UdpSocket::bind(SocketAddr::new(bind, 0))?;
+            match Self::open_on(sock.try_clone()?, server, secret, user) {
+                Err(e) if e.to_string().contains("437") && taken.len() < 8 => taken.push(sock),
+                other => return other,
+            }
+        }
+    }
+
+    fn open_on(
+        sock: UdpSocket,
+        server: SocketAddr,
+        secret: &str,
+        user: &str,
+    ) -> io::Result<Allocation> {
         let first = request_msg(METHOD_ALLOCATE, &[&UDP, &FINGERPRINT]);
         let challenge = transact(&sock, server, &first)?;
         let text = |attr| {

@@ -129,6 +129,12 @@ impl PeerFilter {
         nets.iter().any(|n| n.contains(ip))
     }
 
+    /// Whether `ip` is this host: one of its addresses, or any loopback or unspecified address
+    /// (a wide `allow_peers` such as `0.0.0.0/0` must not open 127.0.0.2 or 0.0.0.0).
+    fn own(&self, ip: &IpAddr) -> bool {
+        self.own_ips.contains(ip) || ip.is_loopback() || ip.is_unspecified()
+    }
+
     /// Whether `allow_peers` names `ip` itself (not just a range around it).
     fn named(&self, ip: &IpAddr) -> bool {
         self.allow
@@ -142,7 +148,7 @@ impl PeerFilter {
         if Self::within(&self.deny, &ip) {
             return false;
         }
-        if self.own_ips.contains(&ip) && !self.named(&ip) {
+        if self.own(&ip) && !self.named(&ip) {
             return self.relay_ports.contains(&peer.port());
         }
         if Self::within(&self.allow, &ip) {
@@ -157,9 +163,7 @@ impl PeerFilter {
         if Self::within(&self.deny, &ip) {
             return false;
         }
-        self.own_ips.contains(&ip)
-            || Self::within(&self.allow, &ip)
-            || !Self::within(&self.defaults, &ip)
+        self.own(&ip) || Self::within(&self.allow, &ip) || !Self::within(&self.defaults, &ip)
     }
 
     /// Whether `peer` is one of this host's addresses that `allow_peers` does not name: such a
@@ -167,7 +171,7 @@ impl PeerFilter {
     /// kernel, and only on a relay port.
     pub fn is_internal(&self, peer: SocketAddr) -> bool {
         let ip = canonical(peer.ip());
-        self.own_ips.contains(&ip) && !self.named(&ip)
+        self.own(&ip) && !self.named(&ip)
     }
 
     /// Whether a packet to `peer` may leave: an internal address only on a relay port.
@@ -278,7 +282,10 @@ mod tests {
         let lo = PeerFilter::new(&[], &[], vec!["127.0.0.1".parse().unwrap()], 40000..=40100);
         assert!(lo.allowed("127.0.0.1:40050".parse().unwrap()));
         assert!(!lo.allowed("127.0.0.1:40101".parse().unwrap()));
-        assert!(!lo.allowed("127.0.0.2:40050".parse().unwrap()));
+        // Any loopback address is this host: a relay port there is ours (reached in-process),
+        // anything else is not a peer.
+        assert!(lo.allowed("127.0.0.2:40050".parse().unwrap()));
+        assert!(!lo.allowed("127.0.0.2:22".parse().unwrap()));
         // Own addresses are reached in-process only, and only on relay ports.
         assert!(lo.is_internal("127.0.0.1:40050".parse().unwrap()));
         assert!(!lo.port_ok("127.0.0.1:22".parse().unwrap()));

@@ -80,6 +80,9 @@ pub const CHANNEL_LIFETIME: Duration = Duration::from_secs(600);
 const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 /// An allocation whose relay socket was asked for but never reported is dropped after this.
 const PENDING_TIMEOUT: Duration = Duration::from_secs(5);
+/// The largest peer datagram relayed: a Data indication around it (28 bytes of attributes with
+/// an IPv6 peer, padding to 4) must fit STUN's 16-bit length.
+pub const MAX_PEER_DATA: usize = 65_504;
 /// REQUESTED-TRANSPORT's UDP (RFC 8656 §14.7): the only relay transport offered.
 const PROTO_UDP: u8 = 17;
 /// RFC 8656 §14: ADDITIONAL-ADDRESS-FAMILY and ADDRESS-ERROR-CODE (not in the `stun` crate).
@@ -301,6 +304,8 @@ struct Allocation {
     fingerprint: bool,
     lifetime: Duration,
     reservation: Option<[u8; 8]>,
+    /// Made with a RESERVATION-TOKEN: one relay, of the reservation's family.
+    from_reservation: bool,
     /// Families refused with 440 in a dual-stack request (ADDRESS-ERROR-CODE).
     family_error: Option<Family>,
     response: Option<Vec<u8>>,
@@ -488,7 +493,14 @@ impl Engine {
 
     pub fn set_limits(&mut self, max_allocation_lifetime: Duration, per_allocation_bps: u64) {
         self.cfg.max_allocation_lifetime = max_allocation_lifetime;
-        self.cfg.max_bps_per_allocation = per_allocation_bps;
+        if self.cfg.max_bps_per_allocation != per_allocation_bps {
+            self.cfg.max_bps_per_allocation = per_allocation_bps;
+            // Live allocations get the new cap too.
+            for a in self.allocs.values_mut() {
+                a.up = ByteBucket::new(per_allocation_bps);
+                a.down = ByteBucket::new(per_allocation_bps);
+            }
+        }
     }
 
     pub fn allocation_count(&self) -> usize {
@@ -613,6 +625,11 @@ impl Engine {
         peer: SocketAddr,
         now: Now,
     ) -> Forward {
+        if len > MAX_PEER_DATA {
+            // Its Data indication's length would not fit the STUN header's 16 bits.
+            self.stats.dropped_invalid += 1;
+            return Forward::Nothing;
+        }
         let Some(&id) = self.by_relay.get(&relay) else {
             self.stats.dropped_no_route += 1;
             return Forward::Nothing;
@@ -893,7 +910,8 @@ impl Engine {
             }
             _ => return bad(self, CODE_BAD_REQUEST),
         }
-        if families.iter().any(|f| self.cfg.relay_ip(*f).is_none()) {
+        // A reservation decides its own family (the shell reports it).
+        if token.is_none() && families.iter().any(|f| self.cfg.relay_ip(*f).is_none()) {
             return bad(self, CODE_ADDR_FAMILY_NOT_SUPPORTED);
         }
         let port = match (&token, &even) {
@@ -937,6 +955,7 @@ impl Engine {
                 fingerprint: m.contains(ATTR_FINGERPRINT),
                 lifetime,
                 reservation: None,
+                from_reservation: matches!(port, PortRequest::Reserved(_)),
                 family_error,
                 response: None,
                 permissions: FastMap::default(),
@@ -973,12 +992,12 @@ impl Engine {
         let Ok(bound) = result else {
             self.stats.refused_no_port += 1;
             let (client, key, txid, fp) = (a.client, a.key.clone(), a.txid, a.fingerprint);
-            self.remove(id);
             let mut req = Message::new();
             req.transaction_id = stun::agent::TransactionId(txid);
             if fp {
                 req.add(ATTR_FINGERPRINT, &[0; 4]);
             }
+            // The answer first: over TCP/TLS the removal closes the connection after it.
             self.error(
                 &req,
                 client,
@@ -987,6 +1006,7 @@ impl Engine {
                 Signing::Key(&key),
                 Vec::new(),
             );
+            self.remove(id);
             return;
         };
         let relay = RelayKey {
@@ -994,7 +1014,12 @@ impl Engine {
             port: bound.port,
         };
         a.relays[family.index()] = Some(relay);
-        a.pending.retain(|f| *f != family);
+        if a.from_reservation {
+            // A reserved port's family is the reservation's, whatever was asked.
+            a.pending.clear();
+        } else {
+            a.pending.retain(|f| *f != family);
+        }
         if bound.token.is_some() {
             a.reservation = bound.token;
         }
@@ -1051,7 +1076,7 @@ impl Engine {
     fn refresh(&mut self, m: &Message, client: ClientId, id: AllocId, key: &[u8], now: Now) {
         let asked = lifetime_of(m);
         if asked == Some(Duration::ZERO) {
-            self.remove(id);
+            // The answer first: over TCP/TLS the removal closes the connection after it.
             self.respond(
                 m,
                 client,
@@ -1061,6 +1086,7 @@ impl Engine {
                 Some(key),
                 m.contains(ATTR_FINGERPRINT),
             );
+            self.remove(id);
             return;
         }
         let lifetime = desired_lifetime(asked);

@@ -84,22 +84,32 @@ impl QuotaBook {
     }
 }
 
-/// A token bucket of bytes: `rate` bytes per second, bursts of one second's worth.
-/// Rate 0 means unlimited.
+/// A token bucket of bytes: `rate` bytes per second, bursts of one second's worth (at least
+/// one largest datagram, so every packet can pass at some point). Rate 0 means unlimited.
 #[derive(Debug, Clone)]
 pub struct ByteBucket {
     rate: u64,
+    capacity: u64,
     tokens: u64,
     last: Option<Instant>,
 }
 
+/// The burst every capped bucket allows at least: one largest UDP datagram.
+const MIN_BURST: u64 = 65_535;
+
 impl ByteBucket {
-    /// A bucket of `bits_per_sec` (0: unlimited), full.
+    /// A bucket of `bits_per_sec` (0: unlimited; a cap below 8 bit/s is 1 byte/s), full.
     pub fn new(bits_per_sec: u64) -> Self {
-        let rate = bits_per_sec / 8;
+        let rate = if bits_per_sec == 0 {
+            0
+        } else {
+            (bits_per_sec / 8).max(1)
+        };
+        let capacity = rate.max(MIN_BURST);
         Self {
             rate,
-            tokens: rate,
+            capacity,
+            tokens: capacity,
             last: None,
         }
     }
@@ -115,7 +125,7 @@ impl ByteBucket {
                 let refill = self.rate.saturating_mul(micros) / 1_000_000;
                 // Only move `last` when something was added, so tiny steps accumulate.
                 if refill > 0 {
-                    self.tokens = (self.tokens + refill).min(self.rate);
+                    self.tokens = (self.tokens + refill).min(self.capacity);
                     self.last = Some(now);
                 }
             }
@@ -159,17 +169,28 @@ mod tests {
     #[allow(clippy::disallowed_methods)] // an epoch for the test
     fn bucket_caps_bytes_per_second() {
         let t0 = Instant::now();
-        let mut b = ByteBucket::new(8_000); // 1000 bytes/s
-        assert!(b.take(600, t0));
-        assert!(b.take(400, t0));
+        let mut b = ByteBucket::new(8_000_000); // 1 MB/s
+        assert!(b.take(600_000, t0));
+        assert!(b.take(400_000, t0));
         assert!(!b.take(1, t0));
-        assert!(b.take(100, t0 + Duration::from_millis(100)));
-        assert!(!b.take(100, t0 + Duration::from_millis(100)));
+        assert!(b.take(100_000, t0 + Duration::from_millis(100)));
+        assert!(!b.take(100_000, t0 + Duration::from_millis(100)));
         assert!(
-            b.take(1000, t0 + Duration::from_secs(5)),
+            b.take(1_000_000, t0 + Duration::from_secs(5)),
             "refilled to one second"
         );
         assert!(!b.take(1, t0 + Duration::from_secs(5)));
+        // A small cap still lets a largest datagram through (the burst is at least that).
+        let mut small = ByteBucket::new(8_000);
+        assert!(small.take(65_535, t0));
+        assert!(!small.take(1000, t0));
+        assert!(small.take(1000, t0 + Duration::from_secs(1)));
+        let mut tiny = ByteBucket::new(1);
+        assert!(
+            tiny.take(65_535, t0),
+            "below 8 bit/s is still a cap, not unlimited"
+        );
+        assert!(!tiny.take(1, t0));
         let mut off = ByteBucket::new(0);
         assert!(off.take(usize::MAX, t0));
     }

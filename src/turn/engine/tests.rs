@@ -650,8 +650,9 @@ fn refresh_of_a_missing_allocation_is_437_and_lifetime_zero_deletes() {
     );
     let cmds = h.drain();
     assert_eq!(cmds.len(), 2, "{cmds:?}");
+    assert!(matches!(&cmds[0], Command::Send { .. }), "the answer first");
     assert_eq!(
-        cmds[0],
+        cmds[1],
         Command::CloseRelay {
             relay: RelayKey {
                 family: Family::V4,
@@ -659,7 +660,6 @@ fn refresh_of_a_missing_allocation_is_437_and_lifetime_zero_deletes() {
             }
         }
     );
-    assert!(matches!(&cmds[1], Command::Send { .. }));
     assert_eq!(h.quotas.lock().unwrap().total(), 0);
     assert_eq!(h.e.allocation_count(), 0);
 }
@@ -1034,12 +1034,39 @@ fn stream_clients_get_padded_channel_data_and_lose_their_allocation_with_the_str
         ]
     );
     assert_eq!(h.quotas.lock().unwrap().total(), 0);
+    // A Refresh that deletes an allocation over TCP: the answer goes out before the stream
+    // is let go of.
+    let client = tcp(4001, 9);
+    let relay = h.allocate(client, "alice");
+    let nonce = h.nonce(client);
+    let cred = Cred::new("alice", T0_UNIX + 3600, &nonce);
+    h.input(
+        client,
+        &cred.sign(METHOD_REFRESH, &[&Lifetime(Duration::ZERO)]),
+    );
+    let cmds = h.drain();
+    assert!(
+        matches!(&cmds[0], Command::Send { client: c, .. } if *c == client),
+        "{cmds:?}"
+    );
+    assert_eq!(
+        &cmds[1..],
+        &[
+            Command::CloseRelay {
+                relay: RelayKey {
+                    family: Family::V4,
+                    port: relay.port()
+                }
+            },
+            Command::CloseStream { client }
+        ]
+    );
 }
 
 #[test]
 fn bandwidth_caps_drop_the_excess_and_count_it() {
     let mut cfg = config();
-    cfg.max_bps_per_allocation = 8_000; // 1000 bytes/s each way
+    cfg.max_bps_per_allocation = 8_000_000; // 1 MB/s each way
     let mut h = H::with(cfg, 2, 3);
     let client = udp(4000);
     h.allocate(client, "alice");
@@ -1052,12 +1079,12 @@ fn bandwidth_caps_drop_the_excess_and_count_it() {
             &[&ChannelNumber(0x4000), &peer("8.8.8.8:5000")],
         ),
     );
-    let frame = channel_data(0x4000, &[0; 400]);
-    let sent = (0..5)
+    let frame = channel_data(0x4000, &[0; 60_000]);
+    let sent = (0..20)
         .filter(|_| matches!(h.input(client, &frame), Forward::ToPeer { .. }))
         .count();
-    assert_eq!(sent, 2);
-    assert_eq!(h.e.stats.dropped_over_bandwidth, 3);
+    assert_eq!(sent, 16, "one second's worth: 16 x 60 kB");
+    assert_eq!(h.e.stats.dropped_over_bandwidth, 4);
     h.now.mono += Duration::from_secs(1);
     assert!(matches!(h.input(client, &frame), Forward::ToPeer { .. }));
 }

@@ -26,6 +26,9 @@ use super::filter::PeerFilter;
 pub const INBOX_DATA_LIMIT: usize = 8192;
 /// How long a reserved port (EVEN-PORT with R) is held for its RESERVATION-TOKEN (RFC 8656 §7.2).
 pub const RESERVATION_TTL: Duration = Duration::from_secs(30);
+/// Ports held by reservations at most; past that, EVEN-PORT with R gets an even port and no
+/// reservation (an allocate-and-delete loop cannot pile up held ports).
+pub const MAX_RESERVATIONS: usize = 1024;
 
 /// What reaches a worker from outside its own sockets.
 pub enum Inbox {
@@ -42,10 +45,12 @@ pub enum Inbox {
         client: ClientId,
         tx: tokio::sync::mpsc::Sender<Vec<u8>>,
     },
-    /// One frame of a stream connection.
+    /// One frame of a stream connection, holding its share of the in-flight byte budget until
+    /// the worker has handled it.
     StreamFrame {
         client: ClientId,
         frame: Vec<u8>,
+        budget: tokio::sync::OwnedSemaphorePermit,
     },
     /// The stream connection closed.
     StreamClosed {
@@ -171,9 +176,19 @@ impl Shared {
         }
     }
 
-    pub fn set_owner(&self, family: Family, port: u16, worker: Option<usize>) {
-        let v = worker.map_or(0, |w| w as u8 + 1);
-        self.owners(family)[port as usize].store(v, Ordering::Release);
+    pub fn set_owner(&self, family: Family, port: u16, worker: usize) {
+        self.owners(family)[port as usize].store(worker as u8 + 1, Ordering::Release);
+    }
+
+    /// Clears the owner of `port` if it is still `worker` (called before the socket closes, so
+    /// a worker that binds the port next cannot have its entry wiped).
+    pub fn clear_owner(&self, family: Family, port: u16, worker: usize) {
+        let _ = self.owners(family)[port as usize].compare_exchange(
+            worker as u8 + 1,
+            0,
+            Ordering::AcqRel,
+            Ordering::Relaxed,
+        );
     }
 
     /// The worker a stream connection belongs to.
@@ -204,14 +219,22 @@ pub fn shared(workers: Vec<WorkerHandle>, binding: RelayBinding) -> Shared {
     }
 }
 
-/// A random port of `range`, even when asked.
-pub fn random_port(range: &RangeInclusive<u16>, even: bool) -> u16 {
+/// A random port of `range`; an even one when asked (`None` if the range has none).
+pub fn random_port(range: &RangeInclusive<u16>, even: bool) -> Option<u16> {
     let mut b = [0u8; 4];
     getrandom::fill(&mut b).expect("the OS random source is available");
-    let span = (*range.end() - *range.start()) as u32 + 1;
-    let p = *range.start() as u32 + u32::from_le_bytes(b) % span;
-    let p = if even { p & !1 } else { p };
-    p.clamp(*range.start() as u32, *range.end() as u32) as u16
+    let r = u32::from_le_bytes(b);
+    let (start, end) = (*range.start() as u32, *range.end() as u32);
+    if even {
+        let first = start + (start & 1);
+        if first > end {
+            return None;
+        }
+        let count = (end - first) / 2 + 1;
+        Some((first + 2 * (r % count)) as u16)
+    } else {
+        Some((start + r % (end - start + 1)) as u16)
+    }
 }
 
 /// Binds a UDP socket for a relay (IPv6 ones only IPv6: no mapped IPv4 peers on them).
@@ -236,5 +259,20 @@ pub(crate) fn new_handle(
         waker,
         sleeping: AtomicBool::new(false),
         queued: AtomicUsize::new(0),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn random_ports_stay_in_range_and_even_when_asked() {
+        for _ in 0..2000 {
+            let p = super::random_port(&(41_001..=41_004), true).unwrap();
+            assert!(p == 41_002 || p == 41_004, "{p}");
+            let p = super::random_port(&(7..=9), false).unwrap();
+            assert!((7..=9).contains(&p));
+        }
+        assert_eq!(super::random_port(&(41_001..=41_001), true), None);
+        assert_eq!(super::random_port(&(40_000..=40_000), true), Some(40_000));
     }
 }

@@ -3,9 +3,13 @@
 //! the connection, whose engine answers through a bounded channel back to the connection's
 //! writer. The relay side of such an allocation is UDP, like every other.
 //!
-//! Bounded: at most [`MAX_STREAMS`] connections; a handshake gets [`HANDSHAKE_TIMEOUT`]; a
-//! connection without an allocation is closed by its worker after 30 s; one frame is at most a
-//! STUN message's maximum (64 KiB + header).
+//! Bounded: at most [`MAX_STREAMS`] connections, [`MAX_STREAMS_PER_CLIENT`] from one address
+//! (IPv6: one /64); a handshake gets [`HANDSHAKE_TIMEOUT`]; a connection without an allocation is
+//! closed by its worker after 30 s, and one whose reader stops reading after [`WRITE_TIMEOUT`]
+//! of a blocked write; one frame is at most a STUN message's maximum (64 KiB + header); frames
+//! read but not yet handled by the workers hold at most [`INFLIGHT_BYTES`] in all — a
+//! connection waits (and stops reading) until its frames are handled, so a stranger who sends
+//! faster than the workers answer grows nothing.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -24,6 +28,12 @@ use crate::turn::filter::canonical;
 
 /// Stream connections served at once.
 pub const MAX_STREAMS: usize = 10_000;
+/// Stream connections from one client address (IPv6: one /64) at once.
+pub const MAX_STREAMS_PER_CLIENT: u32 = 64;
+/// Bytes of frames read from all connections and not yet handled by a worker.
+pub const INFLIGHT_BYTES: usize = 32 << 20;
+/// A write blocked this long (the client stopped reading) ends the connection.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 /// A TLS client that has not finished its handshake by then is dropped.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Frames queued for one connection's writer before more are dropped.
@@ -36,6 +46,26 @@ pub struct StreamHub {
     shared: Arc<Shared>,
     next: AtomicU64,
     permits: Arc<Semaphore>,
+    inflight: Arc<Semaphore>,
+    per_client: std::sync::Mutex<std::collections::HashMap<String, u32>>,
+}
+
+/// A connection's place in the per-client count, given back when it ends.
+struct ClientSlot<'a> {
+    hub: &'a StreamHub,
+    key: String,
+}
+
+impl Drop for ClientSlot<'_> {
+    fn drop(&mut self) {
+        let mut m = self.hub.per_client.lock().expect("per-client lock");
+        if let Some(n) = m.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.key);
+            }
+        }
+    }
 }
 
 impl StreamHub {
@@ -44,7 +74,20 @@ impl StreamHub {
             shared,
             next: AtomicU64::new(1),
             permits: Arc::new(Semaphore::new(MAX_STREAMS)),
+            inflight: Arc::new(Semaphore::new(INFLIGHT_BYTES)),
+            per_client: std::sync::Mutex::new(std::collections::HashMap::new()),
         })
+    }
+
+    fn client_slot(&self, peer: SocketAddr) -> Option<ClientSlot<'_>> {
+        let key = crate::auth::throttle::address_key(peer.ip());
+        let mut m = self.per_client.lock().expect("per-client lock");
+        let n = m.entry(key.clone()).or_insert(0);
+        if *n >= MAX_STREAMS_PER_CLIENT {
+            return None;
+        }
+        *n += 1;
+        Some(ClientSlot { hub: self, key })
     }
 
     /// Serves one TURN connection until it closes. `prefix` holds bytes already read from it
@@ -61,6 +104,10 @@ impl StreamHub {
     {
         let Ok(_permit) = self.permits.clone().try_acquire_owned() else {
             tracing::debug!(%peer, "TURN stream refused: too many connections");
+            return;
+        };
+        let Some(_slot) = self.client_slot(peer) else {
+            tracing::debug!(%peer, "TURN stream refused: too many connections from this client");
             return;
         };
         let stream = self.next.fetch_add(1, Ordering::Relaxed);
@@ -81,27 +128,29 @@ impl StreamHub {
             let mut batch = Vec::with_capacity(4096);
             while let Some(frame) = rx.recv().await {
                 batch.clear();
-                let mut written = true;
-                if one_record_each {
-                    written &= writer.write_all(&frame).await.is_ok();
-                } else {
-                    batch.extend_from_slice(&frame);
-                }
-                while batch.len() < WRITE_BATCH && written {
+                let mut frames = vec![frame];
+                while batch.len() < WRITE_BATCH {
                     match rx.try_recv() {
-                        Ok(more) if one_record_each => {
-                            written &= writer.write_all(&more).await.is_ok()
-                        }
+                        Ok(more) if one_record_each => frames.push(more),
                         Ok(more) => batch.extend_from_slice(&more),
                         Err(_) => break,
                     }
                 }
-                if !batch.is_empty() {
-                    written &= writer.write_all(&batch).await.is_ok();
-                }
-                // Flushed every time: TLS keeps written records until flushed.
-                if !written || writer.flush().await.is_err() {
-                    return;
+                let written = tokio::time::timeout(WRITE_TIMEOUT, async {
+                    if one_record_each {
+                        for f in &frames {
+                            writer.write_all(f).await?;
+                        }
+                    } else {
+                        writer.write_all(&frames[0]).await?;
+                        writer.write_all(&batch).await?;
+                    }
+                    // Flushed every time: TLS keeps written records until flushed.
+                    writer.flush().await
+                })
+                .await;
+                if !matches!(written, Ok(Ok(()))) {
+                    return; // failed, or the client stopped reading
                 }
             }
             // The worker let go of the connection (no allocation, or it ended).
@@ -118,7 +167,21 @@ impl StreamHub {
                         Ok(Some(n)) if buf.len() >= n => {
                             let rest = buf.split_off(n);
                             let frame = std::mem::replace(&mut buf, rest);
-                            worker.send(Inbox::StreamFrame { client, frame });
+                            // Waits while the workers are behind: this connection stops
+                            // reading, and TCP tells the client to slow down.
+                            let Ok(budget) = self
+                                .inflight
+                                .clone()
+                                .acquire_many_owned(frame.len() as u32)
+                                .await
+                            else {
+                                return;
+                            };
+                            worker.send(Inbox::StreamFrame {
+                                client,
+                                frame,
+                                budget,
+                            });
                         }
                         Ok(_) => break,
                     }

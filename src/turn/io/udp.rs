@@ -18,7 +18,9 @@ use mio::net::UdpSocket;
 use mio::{Events, Interest, Poll, Token};
 use quinn_udp::{RecvMeta, Transmit, UdpSockRef, UdpSocketState};
 
-use super::{bind_relay_socket, random_port, Inbox, Reserved, Shared, RESERVATION_TTL};
+use super::{
+    bind_relay_socket, random_port, Inbox, Reserved, Shared, MAX_RESERVATIONS, RESERVATION_TTL,
+};
 use crate::turn::engine::wire::{HEADROOM, TAILROOM};
 use crate::turn::engine::{
     Bound, ClientId, Command, Engine, Family, Forward, Now, PortRequest, RelayKey, Stats, Transport,
@@ -114,6 +116,8 @@ struct Io {
     by_key: FastMap<RelayKey, usize>,
     streams: HashMap<ClientId, StreamInfo>,
     ready: VecDeque<Token>,
+    /// What `ready` holds, for O(1) membership.
+    in_ready: crate::turn::engine::FastSet<Token>,
     scratch: Vec<u8>,
     run: Option<Run>,
     send_failures: u64,
@@ -161,6 +165,7 @@ fn run(setup: Setup) -> std::io::Result<()> {
         by_key: FastMap::default(),
         streams: HashMap::new(),
         ready: VecDeque::new(),
+        in_ready: Default::default(),
         scratch: vec![0u8; SLOT],
         run: None,
         send_failures: 0,
@@ -175,7 +180,7 @@ fn run(setup: Setup) -> std::io::Result<()> {
             .registry()
             .register(&mut sock, Token(LISTENER_BASE + i), Interest::READABLE)?;
         io.listeners.push(Listener { sock, state, local });
-        io.ready.push_back(Token(LISTENER_BASE + i));
+        io.mark_ready(Token(LISTENER_BASE + i));
     }
     let mut bufs: Vec<Vec<u8>> = (0..quinn_udp::BATCH_SIZE)
         .map(|_| vec![0u8; SLOT])
@@ -219,8 +224,8 @@ fn run(setup: Setup) -> std::io::Result<()> {
             .sleeping
             .store(false, std::sync::atomic::Ordering::SeqCst);
         for ev in events.iter() {
-            if ev.token() != WAKER && !io.ready.contains(&ev.token()) {
-                io.ready.push_back(ev.token());
+            if ev.token() != WAKER {
+                io.mark_ready(ev.token());
             }
         }
         let now = clock();
@@ -241,6 +246,8 @@ fn run(setup: Setup) -> std::io::Result<()> {
             };
             if io.drain(token, &mut bufs, &mut metas, now) {
                 io.ready.push_back(token);
+            } else {
+                io.in_ready.remove(&token);
             }
         }
         if now.mono >= next_housekeeping {
@@ -262,6 +269,13 @@ struct Reported {
 }
 
 impl Io {
+    /// Puts a socket in the ready list (once).
+    fn mark_ready(&mut self, token: Token) {
+        if self.in_ready.insert(token) {
+            self.ready.push_back(token);
+        }
+    }
+
     /// Handles one inbox message; `false` to stop the worker.
     fn inbox(&mut self, msg: Inbox, now: Now) -> bool {
         match msg {
@@ -285,12 +299,17 @@ impl Io {
                     },
                 );
             }
-            Inbox::StreamFrame { client, frame } => {
+            Inbox::StreamFrame {
+                client,
+                frame,
+                budget,
+            } => {
                 let fwd = self
                     .engine
                     .handle_client_input(&frame, 0..frame.len(), client, now);
                 self.forward(fwd, &frame, now);
                 self.commands(now);
+                drop(budget); // handled: the connection may send more
             }
             Inbox::StreamClosed { client } => {
                 self.streams.remove(&client);
@@ -617,10 +636,11 @@ impl Io {
                     alloc,
                     family,
                     port,
-                } => {
-                    let bound = self.bind(family, port, now.mono);
-                    self.engine.relay_bound(alloc, family, bound);
-                }
+                } => match self.bind(family, port, now.mono) {
+                    // A reserved port answers with its own family.
+                    Ok((family, bound)) => self.engine.relay_bound(alloc, family, Ok(bound)),
+                    Err(()) => self.engine.relay_bound(alloc, family, Err(())),
+                },
                 Command::CloseRelay { relay } => self.close_relay(relay),
                 Command::CloseStream { client } => {
                     // Dropping the sender ends the connection's writer, which closes it.
@@ -630,8 +650,12 @@ impl Io {
         }
     }
 
-    fn bind(&mut self, family: Family, req: PortRequest, now: Instant) -> Result<Bound, ()> {
-        let ip = self.shared.binding.bind_ip(family).ok_or(())?;
+    fn bind(
+        &mut self,
+        family: Family,
+        req: PortRequest,
+        now: Instant,
+    ) -> Result<(Family, Bound), ()> {
         let range = self.shared.binding.ports.clone();
         match req {
             PortRequest::Reserved(token) => {
@@ -642,23 +666,38 @@ impl Io {
                     .expect("reservations lock")
                     .remove(&token);
                 match taken {
-                    Some(r) if r.expires > now && r.family == family => {
-                        self.register(family, r.port, r.sock).map_err(|_| ())?;
-                        Ok(Bound {
-                            port: r.port,
-                            token: None,
-                        })
+                    Some(r) if r.expires > now => {
+                        self.register(r.family, r.port, r.sock).map_err(|_| ())?;
+                        Ok((
+                            r.family,
+                            Bound {
+                                port: r.port,
+                                token: None,
+                            },
+                        ))
                     }
                     _ => Err(()),
                 }
             }
             PortRequest::Any | PortRequest::Even { .. } => {
+                let ip = self.shared.binding.bind_ip(family).ok_or(())?;
                 let (even, reserve) = match req {
                     PortRequest::Even { reserve_next } => (true, reserve_next),
                     _ => (false, false),
                 };
+                // Reservations are capped: past the cap an even port comes without one.
+                let reserve = reserve
+                    && self
+                        .shared
+                        .reservations
+                        .lock()
+                        .expect("reservations lock")
+                        .len()
+                        < MAX_RESERVATIONS;
                 for _ in 0..BIND_ATTEMPTS {
-                    let port = random_port(&range, even);
+                    let Some(port) = random_port(&range, even) else {
+                        return Err(());
+                    };
                     if reserve && port == *range.end() {
                         continue;
                     }
@@ -692,7 +731,7 @@ impl Io {
                             );
                         token
                     });
-                    return Ok(Bound { port, token });
+                    return Ok((family, Bound { port, token }));
                 }
                 Err(())
             }
@@ -718,9 +757,9 @@ impl Io {
         let key = RelayKey { family, port };
         self.relays[slot] = Some(Relay { key, sock, state });
         self.by_key.insert(key, slot);
-        self.shared.set_owner(family, port, Some(self.index));
+        self.shared.set_owner(family, port, self.index);
         // Data may have arrived before the socket was registered.
-        self.ready.push_back(token);
+        self.mark_ready(token);
         Ok(())
     }
 
@@ -732,13 +771,16 @@ impl Io {
         if self.run.as_ref().is_some_and(|r| r.via == Via::Relay(slot)) {
             self.flush();
         }
+        // Before the socket closes: once it has, another worker may bind the port and own it.
+        self.shared.clear_owner(key.family, key.port, self.index);
         if let Some(mut r) = self.relays[slot].take() {
             let _ = self.poll.registry().deregister(&mut r.sock);
         }
         self.free.push(slot);
-        self.shared.set_owner(key.family, key.port, None);
         let token = Token(RELAY_BASE + slot);
-        self.ready.retain(|t| *t != token);
+        if self.in_ready.remove(&token) {
+            self.ready.retain(|t| *t != token);
+        }
     }
 
     fn housekeeping(&mut self, now: Now, reported: &mut Reported) {
