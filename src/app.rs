@@ -1,9 +1,12 @@
-//! Composition root: builds the store, accounts, hub, node and router, serves them on the
-//! listeners it is given, and owns shutdown. Tests call [`spawn`] with a listener bound to port 0.
+//! Composition root: builds the store, broker, hub, node, calls, TURN server and router,
+//! serves them on the listeners it is given, and owns shutdown and reload. Tests call
+//! [`spawn`] with a listener bound to port 0.
+//!
+//! Nothing imports this module but `main` (and tests): what handlers share is
+//! [`crate::services::Services`].
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,41 +20,21 @@ use crate::auth::Accounts;
 use crate::calls::actor::Calls;
 use crate::config::Config;
 use crate::hub::node::Node;
-use crate::hub::{Hub, MemoryBroker};
-use crate::store::sqlite::SqliteStore;
+use crate::hub::presence::Presence;
+use crate::hub::{Hub, MemoryBroker, NodeId};
+use crate::services::{Services, TurnInfo};
 use crate::store::Store;
 
 /// How long shutdown waits for sessions to say goodbye and finish their writes.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// What every request handler and session shares.
-pub struct AppState {
-    pub config: Arc<Config>,
-    pub accounts: Arc<Accounts>,
-    pub node: Arc<Node>,
-    /// Cancelled when the process is going away.
-    pub shutdown: CancellationToken,
-    /// Live WebSocket sessions, awaited on shutdown.
-    pub tracker: TaskTracker,
-    pub metrics: metrics_exporter_prometheus::PrometheusHandle,
-    pub calls: Calls,
-    /// The embedded TURN server's shared state and what REST hands out; `None` when disabled.
-    pub turn: Option<TurnInfo>,
+/// The running process as `main` sees it: the services, and what only a reload touches.
+pub struct App {
+    pub services: Arc<Services>,
     /// The HTTP listener's certificate, when TLS is on.
-    pub tls: Option<crate::http::tls::TlsReloader>,
-    /// Set when the process is stopping for good (SIGINT): sockets get 1001 instead of 1012
-    /// and calls end with `server_shutdown`.
-    pub going_away: AtomicBool,
-}
-
-/// What the REST API and the WebSocket need of the running TURN server.
-pub struct TurnInfo {
-    pub handle: Arc<crate::turn::TurnHandle>,
-    pub ice: crate::turn::IceConfig,
-    /// Where `/readyz` sends its STUN probe (the listener, via loopback when it binds 0.0.0.0).
-    pub probe_addr: SocketAddr,
-    /// The certificate of TURN over TLS, when `turn.listen_tls` is on (reloaded on SIGHUP).
-    pub tls: Option<crate::tls::TlsReloader>,
+    http_tls: Option<crate::tls::TlsReloader>,
+    /// The certificate of TURN over TLS, when `turn.listen_tls` is on.
+    turn_tls: Option<crate::tls::TlsReloader>,
 }
 
 /// Keys a SIGHUP applies to the running process; every other change needs a restart.
@@ -100,39 +83,15 @@ pub fn changed_keys(old: &Config, new: &Config) -> Vec<String> {
     out
 }
 
-impl TurnInfo {
-    /// `iceServers` and the credential in them, minted now with the current secret.
-    pub fn mint(
-        &self,
-        user_id: &str,
-        host: &str,
-    ) -> (serde_json::Value, crate::auth::turn_rest::TurnCredential) {
-        let secret = self.handle.current_secret();
-        self.ice
-            .ice_servers(&secret, user_id, host, crate::time::now_ms() / 1000)
-    }
-}
-
-impl AppState {
-    /// `(iceServers, expiresAt)` (unix seconds) for `user_id`, reached through `host` (the HTTP
-    /// Host header). Empty when TURN is disabled.
-    pub fn ice_servers(&self, user_id: &str, host: &str) -> (serde_json::Value, Option<i64>) {
-        match &self.turn {
-            None => (serde_json::json!([]), None),
-            Some(t) => {
-                let (servers, cred) = t.mint(user_id, host);
-                (servers, Some(cred.expires_at))
-            }
-        }
+impl App {
+    /// Cancelled when the process is going away.
+    pub fn shutdown(&self) -> &CancellationToken {
+        &self.services.shutdown
     }
 
-    /// The close code for sessions when the server stops.
-    pub fn shutdown_close_code(&self) -> u16 {
-        if self.going_away.load(Ordering::Relaxed) {
-            crate::ws::protocol::close::GOING_AWAY
-        } else {
-            crate::ws::protocol::close::RESTARTING
-        }
+    /// Stop for good: end every call with `server_shutdown`, then shut down.
+    pub async fn go_away(&self) {
+        self.services.go_away().await;
     }
 
     /// Applies what can change without a restart (see [`RELOADABLE`]) from `new`, a config
@@ -140,15 +99,19 @@ impl AppState {
     /// swapped only when all of it worked, so a failed reload changes nothing. Returns the keys
     /// that changed but need a restart.
     pub fn reload(&self, new: &Config) -> anyhow::Result<Vec<String>> {
-        let tls = match (&self.tls, &new.http.tls_cert_file, &new.http.tls_key_file) {
-            (Some(_), Some(cert), Some(key)) => Some(crate::http::tls::load(cert, key)?),
+        let tls = match (
+            &self.http_tls,
+            &new.http.tls_cert_file,
+            &new.http.tls_key_file,
+        ) {
+            (Some(_), Some(cert), Some(key)) => Some(crate::tls::load(cert, key)?),
             _ => None,
         };
-        let turn = match &self.turn {
+        let turn = match &self.services.turn {
             Some(t) if new.turn.enabled => {
                 let current = secret_or_generate(&new.turn.secret, &new.data_dir, "turn_secret")?;
-                let limits = crate::turn::Limits::from_config(&new.turn)?;
-                let tls = match (&t.tls, new.turn.tls_pair(&new.http)) {
+                let limits = crate::turn::Limits::from_config(&new.turn);
+                let tls = match (&self.turn_tls, new.turn.tls_pair(&new.http)) {
                     (Some(_), Some((cert, key))) => Some(crate::tls::load_with_alpn(
                         cert,
                         key,
@@ -160,7 +123,7 @@ impl AppState {
             }
             _ => None,
         };
-        if let (Some(reloader), Some(config)) = (&self.tls, tls) {
+        if let (Some(reloader), Some(config)) = (&self.http_tls, tls) {
             reloader.set(config);
         }
         if let Some((t, current, limits, tls)) = turn {
@@ -175,21 +138,14 @@ impl AppState {
             };
             t.handle
                 .reload(crate::turn::engine::Secrets { current, previous }, &limits);
-            if let (Some(reloader), Some(config)) = (&t.tls, tls) {
+            if let (Some(reloader), Some(config)) = (&self.turn_tls, tls) {
                 reloader.set(config);
             }
         }
-        Ok(changed_keys(&self.config, new)
+        Ok(changed_keys(&self.services.config, new)
             .into_iter()
             .filter(|k| !RELOADABLE.contains(&k.as_str()))
             .collect())
-    }
-
-    /// Stop for good: end every call with `server_shutdown`, then shut down.
-    pub async fn go_away(&self) {
-        self.going_away.store(true, Ordering::Relaxed);
-        self.calls.end_all().await;
-        self.shutdown.cancel();
     }
 }
 
@@ -322,7 +278,7 @@ pub async fn spawn_https(
     let (Some(cert), Some(key)) = (&config.http.tls_cert_file, &config.http.tls_key_file) else {
         anyhow::bail!("spawn_https needs http.tls_cert_file and http.tls_key_file");
     };
-    let tls = crate::http::tls::TlsReloader::new(crate::http::tls::load(cert, key)?);
+    let tls = crate::tls::TlsReloader::new(crate::tls::load(cert, key)?);
     let addr = listener.local_addr()?;
     let listener = crate::http::tls::TlsListener::new(listener, tls.clone())?;
     let serve = prepare_with_tls(config, shutdown.clone(), Some(tls), Some(addr.port())).await?;
@@ -362,14 +318,14 @@ impl From<TcpListener> for HttpListener {
 /// Binds `http.listen`, with TLS when `http.tls_cert_file`/`http.tls_key_file` are set.
 pub async fn bind_http(
     config: &Config,
-) -> anyhow::Result<(HttpListener, Option<crate::http::tls::TlsReloader>)> {
+) -> anyhow::Result<(HttpListener, Option<crate::tls::TlsReloader>)> {
     let tcp = TcpListener::bind(config.http.listen)
         .await
         .with_context(|| format!("http.listen {}", config.http.listen))?;
     match (&config.http.tls_cert_file, &config.http.tls_key_file) {
         (Some(cert), Some(key)) => {
-            let tls = crate::http::tls::TlsReloader::new(
-                crate::http::tls::load(cert, key).context("http.tls_cert_file")?,
+            let tls = crate::tls::TlsReloader::new(
+                crate::tls::load(cert, key).context("http.tls_cert_file")?,
             );
             let listener = crate::http::tls::TlsListener::new(tcp, tls.clone())?;
             Ok((HttpListener::Tls(listener), Some(tls)))
@@ -380,8 +336,8 @@ pub async fn bind_http(
 
 /// Everything built and opened, not yet serving.
 pub struct Prepared {
-    state: Arc<AppState>,
-    store: Arc<SqliteStore>,
+    app: Arc<App>,
+    store: Arc<dyn Store>,
     deliveries_stop: CancellationToken,
     background: Vec<tokio::task::JoinHandle<()>>,
     calls_task: tokio::task::JoinHandle<()>,
@@ -400,7 +356,7 @@ pub async fn prepare(config: Config, shutdown: CancellationToken) -> anyhow::Res
 pub async fn prepare_with_tls(
     mut config: Config,
     shutdown: CancellationToken,
-    tls: Option<crate::http::tls::TlsReloader>,
+    tls: Option<crate::tls::TlsReloader>,
     https: Option<u16>,
 ) -> anyhow::Result<Prepared> {
     config.resolve_secrets()?;
@@ -416,7 +372,7 @@ pub async fn prepare_with_tls(
         None => None,
     };
     let turn_tls = match (
-        config.turn.enabled && !config.turn.listen_tls.is_empty(),
+        config.turn.enabled && config.turn.listen_tls.is_some(),
         config.turn.tls_pair(&config.http),
     ) {
         (true, Some((cert, key))) => Some(crate::tls::TlsReloader::new(
@@ -446,7 +402,6 @@ pub async fn prepare_with_tls(
                 _ => a.udp,
             },
             handle: t.handle.clone(),
-            tls: turn_tls.clone(),
             ice: crate::turn::IceConfig {
                 public_host: config.turn.public_host.clone(),
                 udp_port: a.udp.port(),
@@ -458,34 +413,39 @@ pub async fn prepare_with_tls(
         }
     });
     let keys = build_keys(&config, &jwt_secret)?;
-    let db_path = config.sqlite_path();
-    let store = Arc::new(
-        SqliteStore::open(&db_path)
-            .await
-            .with_context(|| format!("cannot open the database {}", db_path.display()))?,
-    );
-    let dyn_store: Arc<dyn Store> = Arc::new(crate::store::timed::Timed(store.clone()));
-    let hub = Arc::new(Hub::with_limits(
+    let store = crate::store::open(&config.database.url, &config.data_dir)
+        .await
+        .context("cannot open the database")?;
+    let node_id = if config.cluster.node_id.is_empty() {
+        let mut raw = [0u8; 8];
+        getrandom::fill(&mut raw).map_err(|e| anyhow::anyhow!("random source: {e}"))?;
+        NodeId(u64::from_be_bytes(raw))
+    } else {
+        NodeId::from_name(&config.cluster.node_id)
+    };
+    let hub = Arc::new(Hub::new(
+        node_id,
         config.ws.send_queue,
         crate::hub::UserLimits {
             max_connections: config.ws.max_connections_per_user,
             message_rate: config.ws.user_message_rate,
             message_burst: config.ws.user_message_burst,
         },
+        Presence::new(
+            config.presence.offline_grace.as_millis() as i64,
+            config.presence.typing_timeout.as_millis() as i64,
+        ),
     ));
-    let broker = Arc::new(MemoryBroker::new(hub.clone()));
-    let node = Arc::new(Node::new(
-        dyn_store.clone(),
-        hub,
-        broker,
-        config.presence.offline_grace,
-        config.presence.typing_timeout,
-    ));
-    let accounts = Arc::new(Accounts::new(dyn_store, keys, config.auth.clone()));
+    let broker = Arc::new(MemoryBroker::new());
+    let node = Node::start(store.clone(), hub, broker)
+        .await
+        .context("cannot join the broker")?;
+    let accounts = Arc::new(Accounts::new(store.clone(), keys, config.auth.clone()));
     let deliveries_stop = CancellationToken::new();
     let records = TaskTracker::new();
     let (calls, calls_task) = Calls::spawn(
         node.clone(),
+        store.clone(),
         config.calls.ring_timeout,
         config.calls.reconnect_grace,
         records.clone(),
@@ -494,20 +454,24 @@ pub async fn prepare_with_tls(
         tokio::spawn(node.clone().run_presence(shutdown.clone())),
         tokio::spawn(node.clone().run_deliveries(deliveries_stop.clone())),
     ];
-    let state = Arc::new(AppState {
-        config: Arc::new(config),
+    tracing::info!(node = %node_id, "node started");
+    let services = Arc::new(Services::new(
+        Arc::new(config),
         accounts,
+        store.clone(),
         node,
-        shutdown,
-        tracker: TaskTracker::new(),
-        metrics: crate::telemetry::metrics_handle(),
         calls,
         turn,
-        tls,
-        going_away: AtomicBool::new(false),
+        shutdown,
+        crate::telemetry::metrics_handle(),
+    ));
+    let app = Arc::new(App {
+        services,
+        http_tls: tls,
+        turn_tls,
     });
     Ok(Prepared {
-        state,
+        app,
         store,
         deliveries_stop,
         background,
@@ -519,8 +483,8 @@ pub async fn prepare_with_tls(
 }
 
 impl Prepared {
-    pub fn state(&self) -> &Arc<AppState> {
-        &self.state
+    pub fn app(&self) -> &Arc<App> {
+        &self.app
     }
 
     /// Where the TURN server listens (UDP), when enabled.
@@ -538,7 +502,7 @@ impl Prepared {
     /// Serves until shutdown, then drains: sessions close with 1012 and finish their writes,
     /// queued delivery receipts are written, the database is closed.
     pub async fn run(self, listener: impl Into<HttpListener>) -> anyhow::Result<()> {
-        let state = self.state.clone();
+        let state = self.app.services.clone();
         let shutdown = state.shutdown.clone();
         let app = crate::http::router(state.clone());
         let listener = listener.into();
@@ -604,6 +568,7 @@ impl Prepared {
         for task in self.background {
             let _ = task.await;
         }
+        state.node.leave().await;
         self.store.close().await;
         tracing::info!("stopped");
         Ok(())

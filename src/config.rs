@@ -1,11 +1,13 @@
 //! Configuration: one serde tree loaded from defaults, an optional TOML file and
 //! `SWITCHBOARD_<SECTION>__<KEY>` environment variables (in that order of precedence).
 //!
-//! Every section denies unknown keys so a typo fails at start naming the key. Secrets may be
-//! given inline or as `<key>_file`; [`Config::resolve_secrets`] reads the files. This module does
-//! no network I/O and starts nothing.
+//! Every section denies unknown keys so a typo fails at start naming the key. Values are typed:
+//! addresses, port ranges and CIDR lists are parsed here, once, and a bad one names its key.
+//! Secrets may be given inline or as `<key>_file`; [`Config::resolve_secrets`] reads the files.
+//! This module does no network I/O, starts nothing, and never imports `turn` (which takes its
+//! settings from here).
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -152,11 +154,13 @@ impl Default for AuthConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct TurnConfig {
     pub enabled: bool,
-    pub listen_udp: String,
+    pub listen_udp: SocketAddr,
     /// TURN over TCP (RFC 8656 §3.1), e.g. `0.0.0.0:3478`; empty: off.
-    pub listen_tcp: String,
+    #[serde(with = "optional_addr")]
+    pub listen_tcp: Option<SocketAddr>,
     /// TURN over TLS, e.g. `0.0.0.0:5349`; empty: off.
-    pub listen_tls: String,
+    #[serde(with = "optional_addr")]
+    pub listen_tls: Option<SocketAddr>,
     /// Certificate and key of TURN over TLS; unset: the `http.tls_*` pair.
     pub tls_cert_file: Option<PathBuf>,
     pub tls_key_file: Option<PathBuf>,
@@ -164,7 +168,9 @@ pub struct TurnConfig {
     /// asks for no HTTP protocol (ALPN) and speaks STUN goes to TURN.
     pub share_https: bool,
     pub public_host: String,
-    pub public_ip: String,
+    /// The address (one per family, comma-separated) clients reach this host at, when it is
+    /// behind NAT; empty: the bound or detected one.
+    pub public_ip: PublicIps,
     pub realm: String,
     pub secret: String,
     pub secret_file: Option<PathBuf>,
@@ -174,9 +180,11 @@ pub struct TurnConfig {
     pub credential_ttl: Duration,
     #[serde(with = "humantime_serde")]
     pub max_allocation_lifetime: Duration,
-    pub relay_ports: String,
-    pub allow_peers: Vec<String>,
-    pub deny_peers: Vec<String>,
+    pub relay_ports: PortRange,
+    #[serde(with = "cidr_list")]
+    pub allow_peers: Vec<IpNet>,
+    #[serde(with = "cidr_list")]
+    pub deny_peers: Vec<IpNet>,
     pub user_quota: u32,
     pub total_quota: u32,
     /// Per allocation and direction, bits per second; 0: no cap. Excess packets are dropped.
@@ -189,14 +197,14 @@ impl Default for TurnConfig {
     fn default() -> Self {
         Self {
             enabled: true,
-            listen_udp: "0.0.0.0:3478".into(),
-            listen_tcp: String::new(),
-            listen_tls: String::new(),
+            listen_udp: "0.0.0.0:3478".parse().expect("literal address"),
+            listen_tcp: None,
+            listen_tls: None,
             tls_cert_file: None,
             tls_key_file: None,
             share_https: true,
             public_host: String::new(),
-            public_ip: String::new(),
+            public_ip: PublicIps::default(),
             realm: "switchboard".into(),
             secret: String::new(),
             secret_file: None,
@@ -204,7 +212,10 @@ impl Default for TurnConfig {
             previous_secret_file: None,
             credential_ttl: Duration::from_secs(24 * 3600),
             max_allocation_lifetime: Duration::from_secs(24 * 3600),
-            relay_ports: "49152-65535".into(),
+            relay_ports: PortRange {
+                min: 49152,
+                max: 65535,
+            },
             allow_peers: Vec::new(),
             deny_peers: Vec::new(),
             user_quota: 12,
@@ -324,6 +335,8 @@ impl Default for ChatConfig {
 pub struct ClusterConfig {
     /// Empty: single node.
     pub redis_url: String,
+    /// This node's name among the nodes; empty: a fresh one at every start.
+    pub node_id: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -485,37 +498,11 @@ impl Config {
         }
         if self.turn.enabled {
             let t = &self.turn;
-            if t.listen_udp.parse::<SocketAddr>().is_err() {
+            if t.listen_tls.is_some() && t.tls_pair(&self.http).is_none() {
                 return Err(bad(
-                    "turn.listen_udp",
-                    "expected address:port, e.g. 0.0.0.0:3478",
+                    "turn.listen_tls",
+                    "needs a certificate: turn.tls_cert_file and turn.tls_key_file, or http.tls_*",
                 ));
-            }
-            if crate::turn::parse_port_range(&t.relay_ports).is_none() {
-                return Err(bad(
-                    "turn.relay_ports",
-                    "expected `min-max` with 0 < min <= max",
-                ));
-            }
-            if !t.listen_tcp.is_empty() && t.listen_tcp.parse::<SocketAddr>().is_err() {
-                return Err(bad(
-                    "turn.listen_tcp",
-                    "expected address:port, e.g. 0.0.0.0:3478 (or empty: off)",
-                ));
-            }
-            if !t.listen_tls.is_empty() {
-                if t.listen_tls.parse::<SocketAddr>().is_err() {
-                    return Err(bad(
-                        "turn.listen_tls",
-                        "expected address:port, e.g. 0.0.0.0:5349 (or empty: off)",
-                    ));
-                }
-                if t.tls_pair(&self.http).is_none() {
-                    return Err(bad(
-                        "turn.listen_tls",
-                        "needs a certificate: turn.tls_cert_file and turn.tls_key_file, or http.tls_*",
-                    ));
-                }
             }
             match (&t.tls_cert_file, &t.tls_key_file) {
                 (Some(_), None) => {
@@ -531,41 +518,6 @@ impl Config {
                     ))
                 }
                 _ => {}
-            }
-            let mut families = (0, 0);
-            for part in t
-                .public_ip
-                .split(',')
-                .map(str::trim)
-                .filter(|p| !p.is_empty())
-            {
-                match part.parse::<std::net::IpAddr>() {
-                    Ok(std::net::IpAddr::V4(_)) => families.0 += 1,
-                    Ok(std::net::IpAddr::V6(_)) => families.1 += 1,
-                    Err(_) => {
-                        return Err(bad(
-                            "turn.public_ip",
-                            format!("`{part}` is not an IP address"),
-                        ))
-                    }
-                }
-            }
-            if families.0 > 1 || families.1 > 1 {
-                return Err(bad(
-                    "turn.public_ip",
-                    "at most one IPv4 and one IPv6 address, comma-separated",
-                ));
-            }
-            for (key, list) in [
-                ("turn.allow_peers", &t.allow_peers),
-                ("turn.deny_peers", &t.deny_peers),
-            ] {
-                if let Some(e) = list
-                    .iter()
-                    .find_map(|r| crate::turn::filter::parse_range(r).err())
-                {
-                    return Err(bad(key, e.to_string()));
-                }
             }
             if t.realm.is_empty() {
                 return Err(bad("turn.realm", "must not be empty"));
@@ -655,16 +607,120 @@ impl Config {
         )?;
         Ok(())
     }
+}
 
-    /// The SQLite database path this config points at.
-    pub fn sqlite_path(&self) -> PathBuf {
-        let url = self.database.url.trim();
-        match url
-            .strip_prefix("sqlite://")
-            .or(url.strip_prefix("sqlite:"))
-        {
-            Some(path) if !path.is_empty() => PathBuf::from(path),
-            _ => self.data_dir.join("switchboard.db"),
+/// An inclusive range of ports, `min-max` in the file (`0 < min <= max`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortRange {
+    pub min: u16,
+    pub max: u16,
+}
+
+impl PortRange {
+    pub fn range(self) -> std::ops::RangeInclusive<u16> {
+        self.min..=self.max
+    }
+}
+
+impl std::str::FromStr for PortRange {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("`{s}`: expected `min-max` with 0 < min <= max");
+        let (a, b) = s.trim().split_once('-').ok_or_else(bad)?;
+        let (min, max): (u16, u16) = (
+            a.trim().parse().map_err(|_| bad())?,
+            b.trim().parse().map_err(|_| bad())?,
+        );
+        if min == 0 || min > max {
+            return Err(bad());
+        }
+        Ok(PortRange { min, max })
+    }
+}
+
+impl std::fmt::Display for PortRange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}-{}", self.min, self.max)
+    }
+}
+
+/// At most one IPv4 and one IPv6 address, `"a.b.c.d,x::y"` in the file; empty: none.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PublicIps {
+    pub v4: Option<Ipv4Addr>,
+    pub v6: Option<Ipv6Addr>,
+}
+
+impl std::str::FromStr for PublicIps {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let mut out = PublicIps::default();
+        for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let twice = "at most one IPv4 and one IPv6 address, comma-separated";
+            match part.parse::<IpAddr>() {
+                Ok(IpAddr::V4(v4)) if out.v4.is_none() => out.v4 = Some(v4),
+                Ok(IpAddr::V6(v6)) if out.v6.is_none() => out.v6 = Some(v6),
+                Ok(_) => return Err(twice.into()),
+                Err(_) => return Err(format!("`{part}` is not an IP address")),
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl std::fmt::Display for PublicIps {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let parts: Vec<String> = [self.v4.map(IpAddr::V4), self.v6.map(IpAddr::V6)]
+            .into_iter()
+            .flatten()
+            .map(|ip| ip.to_string())
+            .collect();
+        f.write_str(&parts.join(","))
+    }
+}
+
+/// Serde through `FromStr`/`Display`, so a bad value fails naming its key.
+macro_rules! string_serde {
+    ($t:ty) => {
+        impl Serialize for $t {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.collect_str(self)
+            }
+        }
+        impl<'de> Deserialize<'de> for $t {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let text = String::deserialize(d)?;
+                text.parse().map_err(serde::de::Error::custom)
+            }
+        }
+    };
+}
+
+string_serde!(PortRange);
+string_serde!(PublicIps);
+
+/// An address that may be left empty (`""`: off).
+mod optional_addr {
+    use std::net::SocketAddr;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(a: &Option<SocketAddr>, s: S) -> Result<S::Ok, S::Error> {
+        match a {
+            Some(a) => s.collect_str(a),
+            None => s.serialize_str(""),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+        let text = String::deserialize(d)?;
+        match text.trim() {
+            "" => Ok(None),
+            t => t.parse().map(Some).map_err(|_| {
+                serde::de::Error::custom(format!(
+                    "`{t}` is not address:port, e.g. 0.0.0.0:3478 (or empty: off)"
+                ))
+            }),
         }
     }
 }
@@ -738,7 +794,9 @@ mod tests {
         assert_eq!(c.ws.idle_timeout, Duration::from_secs(60));
         assert_eq!(c.presence.offline_grace, Duration::from_secs(5));
         assert_eq!(c.auth.access_ttl, Duration::from_secs(900));
-        assert_eq!(c.turn.listen_udp, "0.0.0.0:3478");
+        assert_eq!(c.turn.listen_udp.to_string(), "0.0.0.0:3478");
+        assert_eq!(c.turn.relay_ports.to_string(), "49152-65535");
+        assert_eq!(c.turn.listen_tcp, None);
         assert_eq!(c.calls.ring_timeout, Duration::from_secs(30));
     }
 
@@ -839,6 +897,38 @@ mod tests {
             err.contains("http.trusted_proxies") && err.contains("nope"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn turn_values_are_parsed_once_and_a_bad_one_names_its_key() {
+        let c = load_toml(
+            "[turn]\nrelay_ports = \" 1000 - 2000 \"\nlisten_tcp = \"127.0.0.1:3478\"\n\
+             public_ip = \"203.0.113.7, 2001:db8::1\"\nallow_peers = [\"10.0.0.1\", \"fc00::/7\"]\n",
+        )
+        .unwrap();
+        assert_eq!(c.turn.relay_ports.range(), 1000..=2000);
+        assert_eq!(c.turn.listen_tcp, Some("127.0.0.1:3478".parse().unwrap()));
+        assert_eq!(c.turn.listen_tls, None);
+        assert_eq!(c.turn.public_ip.to_string(), "203.0.113.7,2001:db8::1");
+        assert_eq!(c.turn.allow_peers[0].to_string(), "10.0.0.1/32");
+        // What is written back (a reload compares configs this way) reads the same again.
+        let back = serde_json::to_value(&c.turn).unwrap();
+        assert_eq!(back["relay_ports"], "1000-2000");
+        assert_eq!(back["listen_tls"], "");
+        for (line, key) in [
+            ("relay_ports = \"10-5\"", "turn.relay_ports"),
+            ("relay_ports = \"0-5\"", "turn.relay_ports"),
+            ("listen_udp = \"nope\"", "turn.listen_udp"),
+            ("listen_tcp = \"3478\"", "turn.listen_tcp"),
+            ("public_ip = \"1.2.3.4,5.6.7.8\"", "turn.public_ip"),
+            ("public_ip = \"host.example\"", "turn.public_ip"),
+            ("deny_peers = [\"10.0.0.0/99\"]", "turn.deny_peers"),
+        ] {
+            let err = load_toml(&format!("[turn]\n{line}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key), "{line}: {err}");
+        }
     }
 
     #[test]

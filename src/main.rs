@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand};
 use sd_notify::NotifyState;
 use tokio_util::sync::CancellationToken;
 
-use switchboard::app::AppState;
+use switchboard::app::App;
 use switchboard::config::Config;
 use switchboard::telemetry::LogReload;
 
@@ -101,9 +101,13 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Backup { file } => runtime(async move {
-            switchboard::store::sqlite::backup(&config.sqlite_path(), &file)
-                .await
-                .map_err(Into::into)
+            match switchboard::store::Backend::of(&config.database.url, &config.data_dir) {
+                switchboard::store::Backend::Sqlite(db) => {
+                    switchboard::store::sqlite::backup(&db, &file)
+                        .await
+                        .map_err(Into::into)
+                }
+            }
         }),
         Command::Serve => {
             let log = switchboard::telemetry::init(&config.log);
@@ -213,7 +217,7 @@ async fn run(
     let http = listener.local_addr()?;
     let https = tls.as_ref().map(|_| http.port());
     let prepared = switchboard::app::prepare_with_tls(config, shutdown.clone(), tls, https).await?;
-    let state = prepared.state().clone();
+    let state = prepared.app().clone();
     // Every listener is bound and the store is open: ready.
     let status = match prepared.turn_addresses() {
         Some(t) => {
@@ -250,11 +254,7 @@ async fn run(
 /// SIGTERM (what systemd sends on stop and on restart) is a restart: sockets get 1012 and
 /// clients reconnect. SIGINT (Ctrl-C) is going away for good: calls end with `server_shutdown`
 /// and sockets get 1001. SIGHUP reloads what can change without a restart.
-async fn handle_signals(
-    state: Arc<AppState>,
-    config_path: Option<PathBuf>,
-    log: Option<LogReload>,
-) {
+async fn handle_signals(state: Arc<App>, config_path: Option<PathBuf>, log: Option<LogReload>) {
     use tokio::signal::unix::{signal, SignalKind};
     let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
         signal(SignalKind::terminate()),
@@ -269,7 +269,7 @@ async fn handle_signals(
             _ = term.recv() => {
                 tracing::info!("SIGTERM received: restarting clients reconnect (1012)");
                 notify(&[NotifyState::Stopping, NotifyState::Status("stopping")]);
-                state.shutdown.cancel();
+                state.shutdown().cancel();
                 return;
             }
             _ = int.recv() => {
@@ -284,7 +284,7 @@ async fn handle_signals(
 }
 
 /// Reloads the config file; an invalid one keeps the running config and says why.
-fn reload(state: &AppState, path: Option<&Path>, log: Option<&LogReload>) {
+fn reload(state: &App, path: Option<&Path>, log: Option<&LogReload>) {
     tracing::info!("SIGHUP received: reloading the configuration");
     let new = match load(path) {
         Ok(c) => c,

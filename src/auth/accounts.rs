@@ -1,5 +1,8 @@
 //! Register, login, refresh-token rotation with theft detection, and token authentication
 //! (creating users of a trusted external issuer on first sight).
+//!
+//! A shell around the pure JWT code and throttles: reads the clock and passes it in.
+#![allow(clippy::disallowed_methods)]
 
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
@@ -12,10 +15,9 @@ use super::passwords::{self, HashError, Hasher};
 use super::throttle::{address_key, Throttle};
 use crate::config::AuthConfig;
 use crate::error::ApiError;
-use crate::store::{
-    NewUser, NextRefreshToken, RefreshOutcome, Store, StoreError, User, UserRecord,
-};
+use crate::store::{NewUser, NextRefreshToken, RefreshOutcome, Store, StoreError, UserRecord};
 use crate::time::now_ms;
+use crate::wire::models::User;
 
 /// Failed logins per client address allowed for every one allowed per username.
 const IP_FAILURE_FACTOR: u32 = 4;
@@ -401,7 +403,7 @@ impl Accounts {
             .keys
             .issue(&user.id, &user.display_name, now_secs(), ttl);
         AuthResponse {
-            user: user.to_wire(false),
+            user: User::new(user, false, true),
             access_token,
             refresh_token,
             expires_in: ttl as u64,

@@ -1,7 +1,9 @@
 //! The async shell of the call machine: one task owns the [`Machine`], feeds it connection
 //! events and signals in arrival order, wakes it at [`Machine::poll_timeout`], and carries out
-//! its commands (pushes through the broker; records through the store, with the call shown as a
-//! message in the chat history).
+//! its commands: each event is serialised once and sent to its connections through the node
+//! (control messages to whichever node holds each one); records go through the store, with the
+//! call shown as a message in the chat history.
+#![allow(clippy::disallowed_methods)] // a shell: reads the clock for the machine
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,43 +11,15 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::task::TaskTracker;
 
-use super::machine::{CallErrorCode, CallSummary, Command, EndReason, Initiate, Machine};
+pub use super::machine::Signal;
+use super::machine::{CallErrorCode, CallSummary, Command, EndReason, Machine};
 use crate::hub::node::Node;
-use crate::hub::{ConnId, Envelope, Outbound};
-use crate::store::{CallMeta, CallRecord, NewMessage};
+use crate::hub::ConnId;
+use crate::store::{CallMeta, CallRecord, NewMessage, Store};
 use crate::time::now_ms;
-use crate::ws::protocol::push;
 
 /// Inputs queued for the actor before callers wait.
 const QUEUE: usize = 1024;
-
-/// A signal from a connection, already decoded and (for initiate) checked against the store.
-#[derive(Debug)]
-pub enum Signal {
-    Initiate(Initiate),
-    Answer {
-        chat_id: String,
-        answer: serde_json::Value,
-    },
-    Reject {
-        chat_id: String,
-    },
-    End {
-        chat_id: String,
-    },
-    Ice {
-        chat_id: String,
-        candidate: serde_json::Value,
-    },
-    Resume {
-        chat_id: String,
-        call_id: String,
-    },
-    Renegotiate {
-        chat_id: String,
-        description: serde_json::Value,
-    },
-}
 
 enum Input {
     Up {
@@ -78,13 +52,19 @@ impl Calls {
     /// Starts the actor. It runs until every handle is dropped.
     pub fn spawn(
         node: Arc<Node>,
+        store: Arc<dyn Store>,
         ring_timeout: Duration,
         grace: Duration,
         tracker: TaskTracker,
     ) -> (Calls, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(QUEUE);
         let machine = Machine::new(ring_timeout.as_millis() as i64, grace.as_millis() as i64);
-        let task = tokio::spawn(run(machine, rx, node, tracker));
+        let shell = Shell {
+            node,
+            store,
+            tracker,
+        };
+        let task = tokio::spawn(run(machine, rx, shell));
         (Calls { tx }, task)
     }
 
@@ -137,12 +117,15 @@ impl Calls {
     }
 }
 
-async fn run(
-    mut machine: Machine,
-    mut rx: mpsc::Receiver<Input>,
+/// What the actor's commands act on.
+struct Shell {
     node: Arc<Node>,
+    store: Arc<dyn Store>,
+    /// Call records being written; shutdown waits for them.
     tracker: TaskTracker,
-) {
+}
+
+async fn run(mut machine: Machine, mut rx: mpsc::Receiver<Input>, shell: Shell) {
     loop {
         let deadline = machine.poll_timeout();
         let sleep = async {
@@ -160,26 +143,21 @@ async fn run(
                 match input {
                     Input::Up { user, conn } => machine.connection_up(&user, conn, now),
                     Input::Down { user, conn } => machine.connection_down(&user, conn, now),
-                    Input::Signal { user, conn, signal, reply } => {
-                        let result = match signal {
-                            Signal::Initiate(req) => machine.initiate(&user, conn, req, now),
-                            Signal::Answer { chat_id, answer } => machine.answer(&user, conn, &chat_id, answer, now),
-                            Signal::Reject { chat_id } => machine.reject(&user, conn, &chat_id, now),
-                            Signal::End { chat_id } => machine.end(&user, conn, &chat_id, now),
-                            Signal::Ice { chat_id, candidate } => machine.ice_candidate(&user, conn, &chat_id, candidate),
-                            Signal::Resume { chat_id, call_id } => machine.resume(&user, conn, &chat_id, &call_id),
-                            Signal::Renegotiate { chat_id, description } => {
-                                machine.renegotiate(&user, conn, &chat_id, description)
-                            }
-                        };
+                    Input::Signal { user, conn, mut signal, reply } => {
+                        if let Signal::Initiate(req) = &mut signal {
+                            // Read here, in the actor's order: a connection that registered
+                            // after this rings through its `Up`, one that left is not rung.
+                            req.callee_devices = shell.node.hub().connections_of(&req.callee_id);
+                        }
+                        let result = machine.signal(&user, conn, signal, now);
                         // Commands first, so the pushes are queued before the reply is written.
-                        execute(&mut machine, &node, &tracker);
+                        execute(&mut machine, &shell).await;
                         let _ = reply.send(result);
                         continue;
                     }
                     Input::EndAll { done } => {
                         machine.shutdown(now);
-                        execute(&mut machine, &node, &tracker);
+                        execute(&mut machine, &shell).await;
                         let _ = done.send(());
                         continue;
                     }
@@ -187,30 +165,26 @@ async fn run(
             }
             _ = sleep => machine.handle_timeout(now_ms()),
         }
-        execute(&mut machine, &node, &tracker);
+        execute(&mut machine, &shell).await;
     }
 }
 
-fn execute(machine: &mut Machine, node: &Arc<Node>, tracker: &TaskTracker) {
+async fn execute(machine: &mut Machine, shell: &Shell) {
     metrics::gauge!("switchboard_calls_active").set(machine.active_calls() as f64);
     while let Some(cmd) = machine.poll_command() {
         match cmd {
-            Command::Send {
-                user,
-                conn,
-                event,
-                data,
-            } => node.publish(Envelope {
-                users: vec![user],
-                only_open_chat: None,
-                except_conn: None,
-                only_conn: Some(conn),
-                out: Outbound::frame(push(event, data)),
-            }),
+            Command::Send { to, event } => {
+                let push = event.push();
+                for (user, conn) in to {
+                    shell.node.send_to(&user, conn, push.clone()).await;
+                }
+            }
             Command::Ended(summary) => {
                 observe(&summary);
                 // Recorded off the actor's loop; the tracker makes shutdown wait for it.
-                tracker.spawn(record(node.clone(), summary));
+                shell
+                    .tracker
+                    .spawn(record(shell.node.clone(), shell.store.clone(), summary));
             }
         }
     }
@@ -230,8 +204,8 @@ fn observe(s: &CallSummary) {
 /// The text a call event shows in the chat, as messengers do.
 pub fn describe(s: &CallSummary) -> String {
     let kind = match s.call_type {
-        super::machine::CallType::Audio => "audio call",
-        super::machine::CallType::Video => "video call",
+        crate::wire::calls::CallType::Audio => "audio call",
+        crate::wire::calls::CallType::Video => "video call",
     };
     match (s.answered_at, s.reason) {
         (Some(answered), _) => {
@@ -246,7 +220,7 @@ pub fn describe(s: &CallSummary) -> String {
     }
 }
 
-async fn record(node: Arc<Node>, s: CallSummary) {
+async fn record(node: Arc<Node>, store: Arc<dyn Store>, s: CallSummary) {
     let duration_ms = s.answered_at.map(|a| (s.ended_at - a).max(0)).unwrap_or(0);
     let message = NewMessage {
         id: uuid::Uuid::now_v7().to_string(),
@@ -274,9 +248,11 @@ async fn record(node: Arc<Node>, s: CallSummary) {
         ended_at: s.ended_at,
         end_reason: s.reason.as_str().to_owned(),
     };
-    match node.store.record_call(call, message).await {
-        Ok(record) => match node.store.members(&record.chat_id).await {
-            Ok(members) => node.publish_message(&record, &members),
+    match store.record_call(call, message).await {
+        Ok(record) => match store.members(&record.chat_id).await {
+            Ok(members) => {
+                node.publish_message(&record, &members).await;
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "call recorded; members lookup for its message failed")
             }

@@ -2,102 +2,30 @@
 //!
 //! Inputs are a user's signals (from one of their connections), connection up/down events and
 //! `now` (unix ms). Outputs are [`Command`]s, drained with [`Machine::poll_command`] after every
-//! input; [`Machine::poll_timeout`] says when [`Machine::handle_timeout`] is due next. A signal's
-//! own success or failure is its return value (the shell turns failures into `call:error` /
-//! `call:busy` pushes and failed replies).
+//! input: typed [`CallEvent`]s addressed to connections (the shell serialises each once, for
+//! all its targets) and records of finished calls. [`Machine::poll_timeout`] says when
+//! [`Machine::handle_timeout`] is due next. A signal's own success or failure is its return
+//! value (the shell turns failures into `call:error` / `call:busy` pushes and failed replies).
 //!
 //! Access checks that need the store (the chat exists, the caller is in it, it is direct) are
-//! made by the shell before [`Machine::initiate`]; everything about who is engaged, online or
-//! ringing lives here.
+//! made by the shell before [`Machine::initiate`], and the shell says which connections the
+//! callee has (the hub is the one registry of who is connected); everything about who is
+//! engaged or ringing lives here.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 
-use serde_json::{json, Value};
-
 pub use crate::hub::ConnId;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CallType {
-    Audio,
-    Video,
-}
-
-impl CallType {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            CallType::Audio => "audio",
-            CallType::Video => "video",
-        }
-    }
-}
-
-/// Why a call ended (the `reason` of `call:end`, and what is recorded).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum EndReason {
-    /// Hung up after it was answered.
-    Ended,
-    /// The caller hung up while it was ringing.
-    Cancelled,
-    Rejected,
-    NoAnswer,
-    ConnectionLost,
-    /// Every ringing device went away and none came back within the grace.
-    Offline,
-    ServerShutdown,
-}
-
-impl EndReason {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            EndReason::Ended => "ended",
-            EndReason::Cancelled => "cancelled",
-            EndReason::Rejected => "rejected",
-            EndReason::NoAnswer => "no_answer",
-            EndReason::ConnectionLost => "connection_lost",
-            EndReason::Offline => "offline",
-            EndReason::ServerShutdown => "server_shutdown",
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CallErrorCode {
-    CallerBusy,
-    Offline,
-    /// The callee is engaged: answered with `call:busy`, not `call:error`.
-    Busy,
-    NoSuchCall,
-}
-
-impl CallErrorCode {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            CallErrorCode::CallerBusy => "caller_busy",
-            CallErrorCode::Offline => "offline",
-            CallErrorCode::Busy => "busy",
-            CallErrorCode::NoSuchCall => "no_such_call",
-        }
-    }
-
-    pub fn message(self) -> &'static str {
-        match self {
-            CallErrorCode::CallerBusy => "you are already in a call",
-            CallErrorCode::Offline => "the user is offline",
-            CallErrorCode::Busy => "the user is busy",
-            CallErrorCode::NoSuchCall => "no such call",
-        }
-    }
-}
+pub use crate::wire::calls::{
+    CallErrorCode, CallEvent, CallIds, CallType, Candidate, EndReason, Sdp,
+};
 
 /// What the shell must do.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Command {
-    /// Push `event` with `data` to one connection of `user`.
+    /// Push `event` to each of these connections (a user and one of their connections).
     Send {
-        user: String,
-        conn: ConnId,
-        event: &'static str,
-        data: Value,
+        to: Vec<(String, ConnId)>,
+        event: CallEvent,
     },
     /// A call is over: record it (and show it in the chat).
     Ended(CallSummary),
@@ -124,7 +52,37 @@ pub struct Initiate {
     pub chat_id: String,
     pub callee_id: String,
     pub call_type: CallType,
-    pub offer: Value,
+    pub offer: Sdp,
+    /// The callee's live connections now (they all ring).
+    pub callee_devices: Vec<ConnId>,
+}
+
+/// A signal from a connection: decoded, and for `Initiate` checked against the store.
+#[derive(Debug)]
+pub enum Signal {
+    Initiate(Initiate),
+    Answer {
+        chat_id: String,
+        answer: Sdp,
+    },
+    Reject {
+        chat_id: String,
+    },
+    End {
+        chat_id: String,
+    },
+    Ice {
+        chat_id: String,
+        candidate: Candidate,
+    },
+    Resume {
+        chat_id: String,
+        call_id: String,
+    },
+    Renegotiate {
+        chat_id: String,
+        description: Sdp,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -153,7 +111,7 @@ struct Call {
     id: String,
     chat_id: String,
     call_type: CallType,
-    offer: Value,
+    offer: Sdp,
     started_at: i64,
     ring_deadline: i64,
     caller: Party,
@@ -193,8 +151,6 @@ impl Call {
 pub struct Machine {
     ring_timeout_ms: i64,
     grace_ms: i64,
-    /// Live connections per user.
-    online: HashMap<String, BTreeSet<ConnId>>,
     calls: HashMap<String, Call>,
     /// Engaged users → their call.
     by_user: HashMap<String, String>,
@@ -208,7 +164,6 @@ impl Machine {
         Self {
             ring_timeout_ms,
             grace_ms,
-            online: HashMap::new(),
             calls: HashMap::new(),
             by_user: HashMap::new(),
             commands: VecDeque::new(),
@@ -228,37 +183,39 @@ impl Machine {
         self.calls.len()
     }
 
-    fn send(&mut self, user: &str, conn: ConnId, event: &'static str, data: Value) {
-        self.commands.push_back(Command::Send {
-            user: user.to_owned(),
-            conn,
-            event,
-            data,
-        });
+    fn send(&mut self, user: &str, conn: ConnId, event: CallEvent) {
+        self.send_each(vec![(user.to_owned(), conn)], event);
     }
 
-    fn send_each(&mut self, targets: Vec<(String, ConnId)>, event: &'static str, data: &Value) {
-        for (user, conn) in targets {
-            self.send(&user, conn, event, data.clone());
+    fn send_each(&mut self, to: Vec<(String, ConnId)>, event: CallEvent) {
+        if !to.is_empty() {
+            self.commands.push_back(Command::Send { to, event });
         }
     }
 
-    fn ids(call: &Call) -> Value {
-        json!({"chatId": call.chat_id, "callId": call.id})
+    fn ids(call: &Call) -> CallIds {
+        CallIds {
+            chat_id: call.chat_id.clone(),
+            call_id: call.id.clone(),
+        }
     }
 
-    fn end_data(call: &Call, reason: &str) -> Value {
-        json!({"chatId": call.chat_id, "callId": call.id, "reason": reason})
+    fn end_event(call: &Call, reason: EndReason) -> CallEvent {
+        CallEvent::End {
+            chat_id: call.chat_id.clone(),
+            call_id: call.id.clone(),
+            reason,
+        }
     }
 
-    fn offer_data(call: &Call) -> Value {
-        json!({
-            "chatId": call.chat_id,
-            "callId": call.id,
-            "callerId": call.caller.user,
-            "callType": call.call_type.as_str(),
-            "offer": call.offer,
-        })
+    fn offer_event(call: &Call) -> CallEvent {
+        CallEvent::Offer {
+            chat_id: call.chat_id.clone(),
+            call_id: call.id.clone(),
+            caller_id: call.caller.user.clone(),
+            call_type: call.call_type,
+            offer: call.offer.clone(),
+        }
     }
 
     /// Removes the call and emits its record.
@@ -303,7 +260,6 @@ impl Machine {
 
     pub fn connection_up(&mut self, user: &str, conn: ConnId, now: i64) {
         let _ = now;
-        self.online.entry(user.to_owned()).or_default().insert(conn);
         // A callee who (re)connects while being called rings on the new device too, so a page
         // reload during ringing does not lose the call.
         let Some(id) = self.by_user.get(user).cloned() else {
@@ -316,20 +272,16 @@ impl Machine {
             return;
         }
         if let Phase::Ringing { devices } = &mut call.phase {
-            devices.insert(conn);
-            call.no_devices_until = None;
-            let data = Self::offer_data(call);
-            self.send(user, conn, "call:offer", data);
+            // Already ringing there when the call began after the connection registered.
+            if devices.insert(conn) {
+                call.no_devices_until = None;
+                let event = Self::offer_event(call);
+                self.send(user, conn, event);
+            }
         }
     }
 
     pub fn connection_down(&mut self, user: &str, conn: ConnId, now: i64) {
-        if let Some(set) = self.online.get_mut(user) {
-            set.remove(&conn);
-            if set.is_empty() {
-                self.online.remove(user);
-            }
-        }
         let Some(id) = self.by_user.get(user).cloned() else {
             return;
         };
@@ -340,8 +292,8 @@ impl Machine {
         if call.caller.user == user && call.caller.conn == Some(conn) {
             call.caller.conn = None;
             call.caller.away_until = Some(now + grace);
-            let (others, data) = (call.callee_targets(), Self::ids(call));
-            self.send_each(others, "call:peer-reconnecting", &data);
+            let (others, ids) = (call.callee_targets(), Self::ids(call));
+            self.send_each(others, CallEvent::PeerReconnecting(ids));
         } else if call.callee.user == user {
             match &mut call.phase {
                 Phase::Ringing { devices } => {
@@ -354,10 +306,8 @@ impl Machine {
                 Phase::Active { .. } if call.callee.conn == Some(conn) => {
                     call.callee.conn = None;
                     call.callee.away_until = Some(now + grace);
-                    let (caller, data) = (call.caller.user.clone(), Self::ids(call));
-                    if let Some(c) = call.caller.conn {
-                        self.send(&caller, c, "call:peer-reconnecting", data);
-                    }
+                    let (caller, ids) = (call.caller_targets(), Self::ids(call));
+                    self.send_each(caller, CallEvent::PeerReconnecting(ids));
                 }
                 Phase::Active { .. } => {}
             }
@@ -370,6 +320,24 @@ impl Machine {
     }
 
     // ---------------------------------------------------------------- signals
+
+    /// Applies one signal of `user` from `conn`; the call id on success.
+    pub fn signal(&mut self, user: &str, conn: ConnId, signal: Signal, now: i64) -> Result<String> {
+        match signal {
+            Signal::Initiate(req) => self.initiate(user, conn, req, now),
+            Signal::Answer { chat_id, answer } => self.answer(user, conn, &chat_id, answer, now),
+            Signal::Reject { chat_id } => self.reject(user, conn, &chat_id, now),
+            Signal::End { chat_id } => self.end(user, conn, &chat_id, now),
+            Signal::Ice { chat_id, candidate } => {
+                self.ice_candidate(user, conn, &chat_id, candidate)
+            }
+            Signal::Resume { chat_id, call_id } => self.resume(user, conn, &chat_id, &call_id),
+            Signal::Renegotiate {
+                chat_id,
+                description,
+            } => self.renegotiate(user, conn, &chat_id, description),
+        }
+    }
 
     pub fn initiate(
         &mut self,
@@ -390,10 +358,10 @@ impl Machine {
                 CallErrorCode::CallerBusy
             });
         }
-        let devices: BTreeSet<ConnId> = match self.online.get(&req.callee_id) {
-            Some(set) if !set.is_empty() => set.clone(),
-            _ => return Err(CallErrorCode::Offline),
-        };
+        let devices: BTreeSet<ConnId> = req.callee_devices.iter().copied().collect();
+        if devices.is_empty() {
+            return Err(CallErrorCode::Offline);
+        }
         if self.by_user.contains_key(&req.callee_id) {
             return Err(CallErrorCode::Busy);
         }
@@ -419,10 +387,12 @@ impl Machine {
             },
             no_devices_until: None,
         };
-        let data = Self::offer_data(&call);
-        for d in devices {
-            self.send(&req.callee_id, d, "call:offer", data.clone());
-        }
+        let event = Self::offer_event(&call);
+        let to = devices
+            .iter()
+            .map(|d| (req.callee_id.clone(), *d))
+            .collect();
+        self.send_each(to, event);
         self.by_user.insert(caller.to_owned(), call.id.clone());
         self.by_user.insert(req.callee_id, call.id.clone());
         self.calls.insert(call.id.clone(), call);
@@ -434,7 +404,7 @@ impl Machine {
         user: &str,
         conn: ConnId,
         chat_id: &str,
-        answer: Value,
+        answer: Sdp,
         now: i64,
     ) -> Result<String> {
         let id = self.call_of(user, chat_id)?;
@@ -448,15 +418,20 @@ impl Machine {
         call.phase = Phase::Active { answered_at: now };
         call.callee.conn = Some(conn);
         call.no_devices_until = None;
-        let (caller, caller_conn) = (call.caller.user.clone(), call.caller.conn);
-        let data = json!({"chatId": call.chat_id, "callId": call.id, "answer": answer});
-        let elsewhere = Self::end_data(call, "answered_elsewhere");
-        if let Some(c) = caller_conn {
-            self.send(&caller, c, "call:answer", data);
-        }
-        for d in devices.into_iter().filter(|d| *d != conn) {
-            self.send(user, d, "call:end", elsewhere.clone());
-        }
+        let caller = call.caller_targets();
+        let answered = CallEvent::Answer {
+            chat_id: call.chat_id.clone(),
+            call_id: call.id.clone(),
+            answer,
+        };
+        let elsewhere = Self::end_event(call, EndReason::AnsweredElsewhere);
+        self.send_each(caller, answered);
+        let others = devices
+            .into_iter()
+            .filter(|d| *d != conn)
+            .map(|d| (user.to_owned(), d))
+            .collect();
+        self.send_each(others, elsewhere);
         Ok(id)
     }
 
@@ -467,15 +442,16 @@ impl Machine {
             Phase::Ringing { devices } if call.callee.user == user => devices.clone(),
             _ => return Err(CallErrorCode::NoSuchCall),
         };
-        let (caller, caller_conn) = (call.caller.user.clone(), call.caller.conn);
+        let caller = call.caller_targets();
         let ids = Self::ids(call);
-        let rejected = Self::end_data(call, "rejected");
-        if let Some(c) = caller_conn {
-            self.send(&caller, c, "call:rejected", ids);
-        }
-        for d in devices.into_iter().filter(|d| *d != conn) {
-            self.send(user, d, "call:end", rejected.clone());
-        }
+        let rejected = Self::end_event(call, EndReason::Rejected);
+        self.send_each(caller, CallEvent::Rejected(ids));
+        let others = devices
+            .into_iter()
+            .filter(|d| *d != conn)
+            .map(|d| (user.to_owned(), d))
+            .collect();
+        self.send_each(others, rejected);
         self.finish(&id, EndReason::Rejected, now);
         Ok(id)
     }
@@ -488,12 +464,12 @@ impl Machine {
         let is_caller = call.caller.user == user;
         match (&call.phase, is_caller) {
             (Phase::Ringing { .. }, false) => self.reject(user, conn, chat_id, now),
-            (Phase::Ringing { devices }, true) => {
-                let data = Self::end_data(call, "cancelled");
-                let callee = call.callee.user.clone();
-                for d in devices.clone() {
-                    self.send(&callee, d, "call:end", data.clone());
-                }
+            (Phase::Ringing { .. }, true) => {
+                let (devices, event) = (
+                    call.callee_targets(),
+                    Self::end_event(call, EndReason::Cancelled),
+                );
+                self.send_each(devices, event);
                 self.finish(&id, EndReason::Cancelled, now);
                 Ok(id)
             }
@@ -503,11 +479,13 @@ impl Machine {
                 } else {
                     &call.caller
                 };
-                let (other_user, other_conn) = (other.user.clone(), other.conn);
-                let data = Self::end_data(call, "ended");
-                if let Some(c) = other_conn {
-                    self.send(&other_user, c, "call:end", data);
-                }
+                let target = other
+                    .conn
+                    .map(|c| (other.user.clone(), c))
+                    .into_iter()
+                    .collect();
+                let event = Self::end_event(call, EndReason::Ended);
+                self.send_each(target, event);
                 self.finish(&id, EndReason::Ended, now);
                 Ok(id)
             }
@@ -519,11 +497,16 @@ impl Machine {
         user: &str,
         conn: ConnId,
         chat_id: &str,
-        candidate: Value,
+        candidate: Candidate,
     ) -> Result<String> {
         let id = self.call_of(user, chat_id)?;
         let call = self.calls.get(&id).expect("indexed call exists");
-        let data = json!({"chatId": call.chat_id, "callId": call.id, "candidate": candidate, "from": user});
+        let event = CallEvent::IceCandidate {
+            chat_id: call.chat_id.clone(),
+            call_id: call.id.clone(),
+            candidate,
+            from: user.to_owned(),
+        };
         let targets = if call.caller.user == user {
             if call.caller.conn != Some(conn) {
                 return Err(CallErrorCode::NoSuchCall);
@@ -539,7 +522,7 @@ impl Machine {
             }
             call.caller_targets()
         };
-        self.send_each(targets, "call:ice-candidate", &data);
+        self.send_each(targets, event);
         Ok(id)
     }
 
@@ -550,7 +533,7 @@ impl Machine {
         user: &str,
         conn: ConnId,
         chat_id: &str,
-        description: Value,
+        description: Sdp,
     ) -> Result<String> {
         let id = self.call_of(user, chat_id)?;
         let call = self.calls.get(&id).expect("indexed call exists");
@@ -565,13 +548,18 @@ impl Machine {
         if me.conn != Some(conn) {
             return Err(CallErrorCode::NoSuchCall);
         }
-        let data = json!({"chatId": call.chat_id, "callId": call.id, "description": description, "from": user});
+        let event = CallEvent::Renegotiate {
+            chat_id: call.chat_id.clone(),
+            call_id: call.id.clone(),
+            description,
+            from: user.to_owned(),
+        };
         let target = other
             .conn
             .map(|c| (other.user.clone(), c))
             .into_iter()
             .collect();
-        self.send_each(target, "call:renegotiate", &data);
+        self.send_each(target, event);
         Ok(id)
     }
 
@@ -606,13 +594,13 @@ impl Machine {
         }
         party.conn = Some(conn);
         party.away_until = None;
-        let data = Self::ids(call);
+        let ids = Self::ids(call);
         let others = if is_caller {
             call.callee_targets()
         } else {
             call.caller_targets()
         };
-        self.send_each(others, "call:peer-resumed", &data);
+        self.send_each(others, CallEvent::PeerResumed(ids));
         Ok(id)
     }
 
@@ -625,10 +613,10 @@ impl Machine {
         };
         for id in ids {
             let call = &self.calls[&id];
-            let data = Self::end_data(call, "server_shutdown");
+            let event = Self::end_event(call, EndReason::ServerShutdown);
             let mut targets = call.caller_targets();
             targets.extend(call.callee_targets());
-            self.send_each(targets, "call:end", &data);
+            self.send_each(targets, event);
             self.finish(&id, EndReason::ServerShutdown, now);
         }
     }
@@ -676,7 +664,7 @@ impl Machine {
         let away = |p: &Party| p.away_until.is_some_and(|t| t <= now);
         if away(&call.caller) || away(&call.callee) {
             // A party did not come back: the other side hears connection_lost.
-            let data = Self::end_data(call, "connection_lost");
+            let event = Self::end_event(call, EndReason::ConnectionLost);
             let mut targets = Vec::new();
             if !away(&call.caller) {
                 targets.extend(call.caller_targets());
@@ -684,24 +672,26 @@ impl Machine {
             if !away(&call.callee) {
                 targets.extend(call.callee_targets());
             }
-            self.send_each(targets, "call:end", &data);
+            self.send_each(targets, event);
             self.finish(id, EndReason::ConnectionLost, now);
             return;
         }
         if call.no_devices_until.is_some_and(|t| t <= now) {
-            let data = json!({"chatId": call.chat_id, "code": "offline", "message": CallErrorCode::Offline.message()});
-            let caller = call.caller.user.clone();
-            if let Some(c) = call.caller.conn {
-                self.send(&caller, c, "call:error", data);
-            }
+            let event = CallEvent::failure(
+                Some(call.chat_id.clone()),
+                CallErrorCode::Offline.as_str(),
+                CallErrorCode::Offline.message().to_owned(),
+            );
+            let caller = call.caller_targets();
+            self.send_each(caller, event);
             self.finish(id, EndReason::Offline, now);
             return;
         }
         if matches!(call.phase, Phase::Ringing { .. }) && call.ring_deadline <= now {
-            let (ids, end) = (Self::ids(call), Self::end_data(call, "no_answer"));
+            let (ids, end) = (Self::ids(call), Self::end_event(call, EndReason::NoAnswer));
             let (devices, caller) = (call.callee_targets(), call.caller_targets());
-            self.send_each(devices, "call:end", &end);
-            self.send_each(caller, "call:no-answer", &ids);
+            self.send_each(devices, end);
+            self.send_each(caller, CallEvent::NoAnswer(ids));
             self.finish(id, EndReason::NoAnswer, now);
         }
     }

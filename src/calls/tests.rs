@@ -1,37 +1,119 @@
 //! Scenario tests for the call machine: one input at an explicit instant, the exact commands
-//! expected, then nothing left.
+//! expected, then nothing left. Events are compared as the JSON they put on the wire.
+
+use std::collections::{BTreeSet, HashMap};
+use std::ops::{Deref, DerefMut};
 
 use serde_json::{json, Value};
 
 use super::machine::*;
+use crate::hub::NodeId;
 
 const RING: i64 = 30_000;
 const GRACE: i64 = 15_000;
 
-fn machine() -> Machine {
-    Machine::new(RING, GRACE)
+/// The machine and, standing in for the hub's registry, who is connected: what the actor reads
+/// when it fills in the callee's devices.
+struct World {
+    m: Machine,
+    online: HashMap<String, BTreeSet<ConnId>>,
 }
 
-fn drain(m: &mut Machine) -> Vec<Command> {
-    std::iter::from_fn(|| m.poll_command()).collect()
+impl Deref for World {
+    type Target = Machine;
+    fn deref(&self) -> &Machine {
+        &self.m
+    }
+}
+
+impl DerefMut for World {
+    fn deref_mut(&mut self) -> &mut Machine {
+        &mut self.m
+    }
+}
+
+impl World {
+    fn connection_up(&mut self, user: &str, conn: ConnId, now: i64) {
+        self.online.entry(user.into()).or_default().insert(conn);
+        self.m.connection_up(user, conn, now);
+    }
+
+    fn connection_down(&mut self, user: &str, conn: ConnId, now: i64) {
+        if let Some(set) = self.online.get_mut(user) {
+            set.remove(&conn);
+        }
+        self.m.connection_down(user, conn, now);
+    }
+
+    fn initiate(
+        &mut self,
+        caller: &str,
+        conn: ConnId,
+        mut req: Initiate,
+        now: i64,
+    ) -> Result<String, CallErrorCode> {
+        req.callee_devices = self
+            .online
+            .get(&req.callee_id)
+            .map(|s| s.iter().copied().collect())
+            .unwrap_or_default();
+        self.m.initiate(caller, conn, req, now)
+    }
+}
+
+fn machine() -> World {
+    World {
+        m: Machine::new(RING, GRACE),
+        online: HashMap::new(),
+    }
+}
+
+/// One command, with each event as the JSON data it puts on the wire (one per target).
+#[derive(Debug, PartialEq)]
+enum Out {
+    Send(String, ConnId, &'static str, Value),
+    Ended(CallSummary),
+}
+
+fn drain(m: &mut Machine) -> Vec<Out> {
+    let mut out = Vec::new();
+    while let Some(cmd) = m.poll_command() {
+        match cmd {
+            Command::Send { to, event } => {
+                let data: Value = serde_json::from_str(event.push().data_json()).unwrap();
+                for (user, conn) in to {
+                    out.push(Out::Send(user, conn, event.name(), data.clone()));
+                }
+            }
+            Command::Ended(s) => out.push(Out::Ended(s)),
+        }
+    }
+    out
 }
 
 /// Connection `n` (real ones are UUIDv7s; any distinct ids do here).
 fn conn(n: u128) -> ConnId {
-    ConnId::from_u128(n)
+    ConnId::new(NodeId(1), uuid::Uuid::from_u128(n))
 }
 
-fn send(user: &str, conn: ConnId, event: &'static str, data: Value) -> Command {
-    Command::Send {
-        user: user.into(),
-        conn,
-        event,
-        data,
+fn send(user: &str, conn: ConnId, event: &'static str, data: Value) -> Out {
+    Out::Send(user.into(), conn, event, data)
+}
+
+fn sdp(kind: &str, text: &str) -> Sdp {
+    Sdp {
+        kind: kind.into(),
+        sdp: text.into(),
     }
 }
 
-fn offer() -> Value {
-    json!({"type": "offer", "sdp": "v=0 offer"})
+/// A candidate as a client would send it (here: a JSON string).
+fn cand(text: &str) -> Candidate {
+    Candidate::from(serde_json::to_string(text).unwrap().as_str())
+}
+
+fn offer() -> Sdp {
+    sdp("offer", "v=0 offer")
 }
 
 fn offer_push(call: &str) -> Value {
@@ -46,14 +128,8 @@ fn end(call: &str, reason: &str) -> Value {
     json!({"chatId": "chat-ab", "callId": call, "reason": reason})
 }
 
-fn summary(
-    call: &str,
-    started: i64,
-    answered: Option<i64>,
-    ended: i64,
-    reason: EndReason,
-) -> Command {
-    Command::Ended(CallSummary {
+fn summary(call: &str, started: i64, answered: Option<i64>, ended: i64, reason: EndReason) -> Out {
+    Out::Ended(CallSummary {
         call_id: call.into(),
         chat_id: "chat-ab".into(),
         caller_id: "a".into(),
@@ -73,11 +149,12 @@ fn initiate(call: &str, callee: &str) -> Initiate {
         callee_id: callee.into(),
         call_type: CallType::Video,
         offer: offer(),
+        callee_devices: Vec::new(),
     }
 }
 
 /// A (conn 1) online, B online on conns 2 and 3, C on conn 7; A calls B at t=0.
-fn ringing() -> Machine {
+fn ringing() -> World {
     let mut m = machine();
     m.connection_up("a", conn(1), 0);
     m.connection_up("b", conn(2), 0);
@@ -99,9 +176,9 @@ fn ringing() -> Machine {
 }
 
 /// `ringing()`, then B answers on conn 2 at t=1000.
-fn active() -> Machine {
+fn active() -> World {
     let mut m = ringing();
-    let answer = json!({"type": "answer", "sdp": "v=0 answer"});
+    let answer = sdp("answer", "v=0 answer");
     assert_eq!(
         m.answer("b", conn(2), "chat-ab", answer.clone(), 1000),
         Ok("k1".into())
@@ -126,7 +203,7 @@ fn successful_call_relays_candidates_and_ends() {
     let mut m = ringing();
     // While ringing, the caller's candidates go to every ringing device.
     assert_eq!(
-        m.ice_candidate("a", conn(1), "chat-ab", json!("cand-a1")),
+        m.ice_candidate("a", conn(1), "chat-ab", cand("cand-a1")),
         Ok("k1".into())
     );
     let c = json!({"chatId": "chat-ab", "callId": "k1", "candidate": "cand-a1", "from": "a"});
@@ -139,7 +216,7 @@ fn successful_call_relays_candidates_and_ends() {
     );
     // A ringing device may send its own candidates to the caller.
     assert_eq!(
-        m.ice_candidate("b", conn(3), "chat-ab", json!("cand-b3")),
+        m.ice_candidate("b", conn(3), "chat-ab", cand("cand-b3")),
         Ok("k1".into())
     );
     assert_eq!(
@@ -151,7 +228,7 @@ fn successful_call_relays_candidates_and_ends() {
             json!({"chatId": "chat-ab", "callId": "k1", "candidate": "cand-b3", "from": "b"})
         )]
     );
-    let answer = json!({"type": "answer", "sdp": "v=0 answer"});
+    let answer = sdp("answer", "v=0 answer");
     m.answer("b", conn(2), "chat-ab", answer.clone(), 1000)
         .unwrap();
     assert_eq!(
@@ -167,7 +244,7 @@ fn successful_call_relays_candidates_and_ends() {
         ]
     );
     // Then only the answering device gets the caller's candidates.
-    m.ice_candidate("a", conn(1), "chat-ab", json!("cand-a2"))
+    m.ice_candidate("a", conn(1), "chat-ab", cand("cand-a2"))
         .unwrap();
     assert_eq!(
         drain(&mut m),
@@ -180,7 +257,7 @@ fn successful_call_relays_candidates_and_ends() {
     );
     // The other device is out of the call now.
     assert_eq!(
-        m.ice_candidate("b", conn(3), "chat-ab", json!("x")),
+        m.ice_candidate("b", conn(3), "chat-ab", cand("x")),
         Err(CallErrorCode::NoSuchCall)
     );
     assert!(drain(&mut m).is_empty());
@@ -250,7 +327,7 @@ fn glare_keeps_the_first_call_and_the_second_caller_hears_busy() {
     assert_eq!(m.active_calls(), 1);
     // A's call is intact: B can answer it.
     assert_eq!(
-        m.answer("b", conn(2), "chat-ab", json!({}), 20),
+        m.answer("b", conn(2), "chat-ab", sdp("answer", ""), 20),
         Ok("k1".into())
     );
 }
@@ -345,8 +422,7 @@ fn callee_drop_and_resume_within_grace_keeps_the_call() {
     m.handle_timeout(5000 + GRACE);
     assert!(drain(&mut m).is_empty());
     // Candidates now reach the new connection.
-    m.ice_candidate("a", conn(1), "chat-ab", json!("c"))
-        .unwrap();
+    m.ice_candidate("a", conn(1), "chat-ab", cand("c")).unwrap();
     assert_eq!(
         drain(&mut m),
         vec![send(
@@ -386,11 +462,15 @@ fn drop_without_return_is_connection_lost_at_the_grace_deadline() {
 
 #[test]
 fn zero_grace_ends_at_once() {
-    let mut m = Machine::new(RING, 0);
+    let mut m = World {
+        m: Machine::new(RING, 0),
+        online: HashMap::new(),
+    };
     m.connection_up("a", conn(1), 0);
     m.connection_up("b", conn(2), 0);
     m.initiate("a", conn(1), initiate("k1", "b"), 0).unwrap();
-    m.answer("b", conn(2), "chat-ab", json!({}), 10).unwrap();
+    m.answer("b", conn(2), "chat-ab", sdp("answer", ""), 10)
+        .unwrap();
     drain(&mut m);
     m.connection_down("b", conn(2), 20);
     assert_eq!(
@@ -441,7 +521,7 @@ fn a_callee_that_reconnects_while_called_rings_again() {
     );
     assert_eq!(m.poll_timeout(), Some(RING), "only the ring timer is left");
     assert_eq!(
-        m.answer("b", conn(4), "chat-ab", json!({}), 4000),
+        m.answer("b", conn(4), "chat-ab", sdp("answer", ""), 4000),
         Ok("k1".into())
     );
 }
@@ -483,14 +563,15 @@ fn caller_resumes_while_ringing() {
             send("b", conn(3), "call:peer-resumed", ids("k1"))
         ]
     );
-    m.answer("b", conn(3), "chat-ab", json!({}), 3000).unwrap();
+    m.answer("b", conn(3), "chat-ab", sdp("answer", ""), 3000)
+        .unwrap();
     assert_eq!(
         drain(&mut m)[0],
         send(
             "a",
             conn(9),
             "call:answer",
-            json!({"chatId": "chat-ab", "callId": "k1", "answer": {}})
+            json!({"chatId": "chat-ab", "callId": "k1", "answer": {"type": "answer", "sdp": ""}})
         )
     );
 }
@@ -500,11 +581,11 @@ fn stale_events_are_no_such_call_and_change_nothing() {
     let mut m = active();
     let before = m.poll_timeout();
     assert_eq!(
-        m.answer("c", conn(7), "chat-ab", json!({}), 10),
+        m.answer("c", conn(7), "chat-ab", sdp("answer", ""), 10),
         Err(CallErrorCode::NoSuchCall)
     );
     assert_eq!(
-        m.answer("b", conn(2), "chat-ab", json!({}), 10),
+        m.answer("b", conn(2), "chat-ab", sdp("answer", ""), 10),
         Err(CallErrorCode::NoSuchCall),
         "already answered"
     );
@@ -522,7 +603,7 @@ fn stale_events_are_no_such_call_and_change_nothing() {
         Err(CallErrorCode::NoSuchCall)
     );
     assert_eq!(
-        m.ice_candidate("c", conn(7), "chat-ab", json!("x")),
+        m.ice_candidate("c", conn(7), "chat-ab", cand("x")),
         Err(CallErrorCode::NoSuchCall)
     );
     assert_eq!(
@@ -579,12 +660,12 @@ fn shutdown_ends_every_call() {
 fn renegotiation_goes_to_the_other_party_only_while_active() {
     let mut m = ringing();
     assert_eq!(
-        m.renegotiate("a", conn(1), "chat-ab", json!({"type": "offer"})),
+        m.renegotiate("a", conn(1), "chat-ab", sdp("offer", "")),
         Err(CallErrorCode::NoSuchCall)
     );
     assert!(drain(&mut m).is_empty());
     let mut m = active();
-    let offer = json!({"type": "offer", "sdp": "v=0 restart"});
+    let offer = sdp("offer", "v=0 restart");
     assert_eq!(
         m.renegotiate("a", conn(1), "chat-ab", offer.clone()),
         Ok("k1".into())
@@ -598,7 +679,7 @@ fn renegotiation_goes_to_the_other_party_only_while_active() {
             json!({"chatId": "chat-ab", "callId": "k1", "description": offer, "from": "a"})
         )]
     );
-    let answer = json!({"type": "answer", "sdp": "v=0 restarted"});
+    let answer = sdp("answer", "v=0 restarted");
     assert_eq!(
         m.renegotiate("b", conn(2), "chat-ab", answer.clone()),
         Ok("k1".into())
@@ -613,7 +694,7 @@ fn renegotiation_goes_to_the_other_party_only_while_active() {
         )]
     );
     assert_eq!(
-        m.renegotiate("b", conn(3), "chat-ab", json!({})),
+        m.renegotiate("b", conn(3), "chat-ab", sdp("answer", "")),
         Err(CallErrorCode::NoSuchCall),
         "not the device in the call"
     );

@@ -6,13 +6,12 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
 use serde::Deserialize;
-use serde_json::{json, Value};
 
 use super::client_ip::ClientIp;
 use super::extract::{ApiJson, AuthUser};
-use crate::app::AppState;
 use crate::auth::AuthResponse;
 use crate::error::ApiError;
+use crate::services::Services;
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -36,7 +35,7 @@ pub struct RefreshBody {
 }
 
 pub async fn register(
-    State(state): State<Arc<AppState>>,
+    State(state): State<Arc<Services>>,
     ClientIp(client): ClientIp,
     ApiJson(body): ApiJson<RegisterBody>,
 ) -> Result<(StatusCode, Json<AuthResponse>), ApiError> {
@@ -53,7 +52,7 @@ pub async fn register(
 }
 
 pub async fn login(
-    State(state): State<Arc<AppState>>,
+    State(state): State<Arc<Services>>,
     ClientIp(client): ClientIp,
     ApiJson(body): ApiJson<LoginBody>,
 ) -> Result<Json<AuthResponse>, ApiError> {
@@ -66,18 +65,15 @@ pub async fn login(
 }
 
 pub async fn refresh(
-    State(state): State<Arc<AppState>>,
+    State(state): State<Arc<Services>>,
     ApiJson(body): ApiJson<RefreshBody>,
 ) -> Result<Json<AuthResponse>, ApiError> {
     Ok(Json(state.accounts.refresh(&body.refresh_token).await?))
 }
 
 pub async fn me(
-    State(state): State<Arc<AppState>>,
+    State(state): State<Arc<Services>>,
     AuthUser(me): AuthUser,
-) -> Result<Json<Value>, ApiError> {
-    let user = state.node.store.user_by_id(&me.user_id).await?;
-    Ok(Json(
-        json!({ "user": user.to_wire(state.node.is_online(&user.id)) }),
-    ))
+) -> Result<Json<crate::wire::chat::UserReply>, ApiError> {
+    Ok(Json(crate::client::chat::me(&state, &me.user_id).await?))
 }

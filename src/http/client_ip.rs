@@ -12,8 +12,8 @@ use axum::http::request::Parts;
 use axum::http::HeaderMap;
 use ipnet::IpNet;
 
-use crate::app::AppState;
 use crate::error::ApiError;
+use crate::services::Services;
 
 /// IPv4-mapped IPv6 peers (a dual-stack listener) are shown as the IPv4 address they are.
 fn canonical(ip: IpAddr) -> IpAddr {
@@ -79,12 +79,12 @@ fn from_headers(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ClientIp(pub IpAddr);
 
-impl FromRequestParts<Arc<AppState>> for ClientIp {
+impl FromRequestParts<Arc<Services>> for ClientIp {
     type Rejection = ApiError;
 
     async fn from_request_parts(
         parts: &mut Parts,
-        state: &Arc<AppState>,
+        state: &Arc<Services>,
     ) -> Result<Self, ApiError> {
         let peer = parts
             .extensions

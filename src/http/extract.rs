@@ -13,9 +13,9 @@ use axum::http::request::Parts;
 use axum::http::HeaderMap;
 use serde::de::DeserializeOwned;
 
-use crate::app::AppState;
 use crate::auth::Authed;
 use crate::error::{ApiError, ErrorCode};
+use crate::services::Services;
 
 pub struct ApiJson<T>(pub T);
 
@@ -99,12 +99,12 @@ pub fn bearer(headers: &HeaderMap) -> Option<String> {
 /// The caller of an authenticated route.
 pub struct AuthUser(pub Authed);
 
-impl FromRequestParts<Arc<AppState>> for AuthUser {
+impl FromRequestParts<Arc<Services>> for AuthUser {
     type Rejection = ApiError;
 
     async fn from_request_parts(
         parts: &mut Parts,
-        state: &Arc<AppState>,
+        state: &Arc<Services>,
     ) -> Result<Self, ApiError> {
         let token =
             bearer(&parts.headers).ok_or_else(|| ApiError::unauthorized("missing bearer token"))?;

@@ -10,8 +10,8 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::extract::AuthUser;
-use crate::app::AppState;
 use crate::error::ApiError;
+use crate::services::Services;
 use crate::time::rfc3339_ms;
 
 /// The `Host` the client used (what a browser on another machine can reach us at).
@@ -24,7 +24,7 @@ pub fn request_host(headers: &HeaderMap) -> String {
 }
 
 pub async fn ice_servers(
-    State(state): State<Arc<AppState>>,
+    State(state): State<Arc<Services>>,
     AuthUser(me): AuthUser,
     headers: HeaderMap,
 ) -> Json<Value> {
@@ -45,7 +45,7 @@ pub struct CredQuery {
 
 /// The TURN REST API shape (`{username, password, ttl, uris}`) for clients written for coturn.
 pub async fn turn_credentials(
-    State(state): State<Arc<AppState>>,
+    State(state): State<Arc<Services>>,
     AuthUser(me): AuthUser,
     headers: HeaderMap,
     Query(q): Query<CredQuery>,

@@ -1,143 +1,148 @@
-//! The node: what every connection shares. It owns presence/typing (the pure [`Presence`] behind
-//! a lock, woken by one timer task), publishes through the [`Broker`], and batches delivery
-//! receipts: a session that wrote a `message` frame reports it here, and one task moves the
-//! delivered cursors in the store and pushes `message:status` to the senders.
+//! The node: what every connection of this process shares. It registers connections in the
+//! [`Hub`] (and says when a user comes online or goes offline), publishes through the
+//! [`Broker`] (its hub is subscribed, so its own publications come back to it the way other
+//! nodes' do), runs presence's timers, and batches delivery receipts: a session that wrote a
+//! `message` push reports it here, and one task moves the delivered cursors in the store and
+//! pushes `message:status` to the senders.
+//!
+//! A shell: reads the clock and passes it into the hub's pure presence.
+#![allow(clippy::disallowed_methods)]
 
-use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex};
+use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
-use serde_json::json;
 use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 
-use super::presence::{Presence, PresenceEvent};
-use super::{Broker, Envelope, Hub, Outbound};
-use crate::error::ApiError;
-use crate::store::{CursorKind, CursorUpdate, Member, MessageRecord, StatusChange, Store, User};
+use super::presence::PresenceEvent;
+use super::{
+    Broker, BrokerError, ConnId, Control, Hub, NodeId, Publication, Registration,
+    TooManyConnections,
+};
+use crate::store::{CursorKind, CursorUpdate, Member, MessageRecord, StatusChange, Store};
 use crate::time::{now_ms, rfc3339_ms};
-use crate::ws::protocol::push;
+use crate::wire::chat::{MessageStatusChanged, Typing, UsersUpdate};
+use crate::wire::models::Message;
+use crate::wire::{events, Push};
 
 /// Delivery reports queued before sessions wait for the batcher.
 const DELIVERY_QUEUE: usize = 4096;
 
 pub struct Node {
-    pub store: Arc<dyn Store>,
-    pub hub: Arc<Hub>,
+    store: Arc<dyn Store>,
+    hub: Arc<Hub>,
     broker: Arc<dyn Broker>,
-    presence: Mutex<Presence>,
     presence_changed: Notify,
     delivery_tx: mpsc::Sender<CursorUpdate>,
-    delivery_rx: Mutex<Option<mpsc::Receiver<CursorUpdate>>>,
+    delivery_rx: std::sync::Mutex<Option<mpsc::Receiver<CursorUpdate>>>,
 }
 
 impl Node {
-    pub fn new(
+    /// A node around `hub`, subscribed to `broker`.
+    pub async fn start(
         store: Arc<dyn Store>,
         hub: Arc<Hub>,
         broker: Arc<dyn Broker>,
-        offline_grace: Duration,
-        typing_timeout: Duration,
-    ) -> Self {
+    ) -> Result<Arc<Node>, BrokerError> {
+        broker.subscribe(hub.node(), hub.clone()).await?;
         let (delivery_tx, delivery_rx) = mpsc::channel(DELIVERY_QUEUE);
-        Self {
+        Ok(Arc::new(Self {
             store,
             hub,
             broker,
-            presence: Mutex::new(Presence::new(
-                offline_grace.as_millis() as i64,
-                typing_timeout.as_millis() as i64,
-            )),
             presence_changed: Notify::new(),
             delivery_tx,
-            delivery_rx: Mutex::new(Some(delivery_rx)),
+            delivery_rx: std::sync::Mutex::new(Some(delivery_rx)),
+        }))
+    }
+
+    pub fn id(&self) -> NodeId {
+        self.hub.node()
+    }
+
+    pub fn hub(&self) -> &Arc<Hub> {
+        &self.hub
+    }
+
+    /// Registers a connection of `user_id`; presence goes up with the user's first one.
+    pub async fn connect(&self, user_id: &str) -> Result<Registration, TooManyConnections> {
+        let (reg, event) = self.hub.register(user_id, now_ms())?;
+        self.presence_changed.notify_one();
+        self.dispatch_presence(event.into_iter().collect()).await;
+        Ok(reg)
+    }
+
+    /// A connection is gone; presence goes down (after the grace) with the user's last one.
+    pub async fn disconnect(&self, user_id: &str, conn: ConnId) {
+        let events = self.hub.unregister(user_id, conn, now_ms());
+        self.presence_changed.notify_one();
+        self.dispatch_presence(events).await;
+    }
+
+    /// Whether `user_id` is shown online.
+    pub fn is_online(&self, user_id: &str) -> bool {
+        self.hub.is_online(user_id)
+    }
+
+    /// Publishes through the broker. A failure is logged and counted: what it announces is
+    /// stored already, and clients close the gap with `sync`.
+    pub async fn publish(&self, p: Publication) {
+        if let Err(e) = self.broker.publish(p).await {
+            metrics::counter!("switchboard_broker_errors_total", "op" => "publish").increment(1);
+            tracing::warn!(error = %e, "publish failed");
         }
     }
 
-    /// Members of `chat_id` if `user_id` is one: `not_found` / `forbidden` otherwise. The access
-    /// check every chat request makes, over the WebSocket and REST alike.
-    pub async fn members_for(&self, chat_id: &str, user_id: &str) -> Result<Vec<Member>, ApiError> {
-        let members = self.store.members(chat_id).await?;
-        if members.is_empty() {
-            // Every chat has members; none means no such chat.
-            return Err(ApiError::not_found("chat not found"));
-        }
-        if !members.iter().any(|m| m.user_id == user_id) {
-            return Err(ApiError::forbidden("not a participant of this chat"));
-        }
-        Ok(members)
-    }
-
-    /// Every user as `viewer` may see them: online state and last-seen time only of users who
-    /// share a chat with the viewer (and of the viewer), `isOnline: false, lastSeenAt: null`
-    /// for everyone else. What `GET /api/users` and `users:list` return.
-    pub async fn users_seen_by(&self, viewer: &str) -> Result<Vec<User>, ApiError> {
-        let contacts: HashSet<String> = self.store.contacts_of(viewer).await?.into_iter().collect();
-        Ok(self
-            .store
-            .list_users()
-            .await?
-            .iter()
-            .map(|u| {
-                if u.id == viewer || contacts.contains(&u.id) {
-                    u.to_wire(self.is_online(&u.id))
-                } else {
-                    User {
-                        last_seen_at: None,
-                        ..u.to_wire(false)
-                    }
-                }
-            })
-            .collect())
-    }
-
-    pub fn publish(&self, env: Envelope) {
-        self.broker.publish(env);
-    }
-
-    pub fn publish_to(&self, users: Vec<String>, text: String) {
-        self.publish(Envelope {
+    /// `push` for every connection of `users`.
+    pub async fn publish_to(&self, users: Vec<String>, push: Arc<Push>) {
+        self.publish(Publication {
             users,
             only_open_chat: None,
-            except_conn: None,
-            only_conn: None,
-            out: Outbound::frame(text),
-        });
+            push,
+        })
+        .await;
     }
 
-    /// Pushes a newly stored message to every connection of every member.
-    pub fn publish_message(&self, record: &MessageRecord, members: &[Member]) {
-        let wire = record.to_wire(crate::store::status_of(
-            record.seq,
-            &record.sender_id,
-            members,
-        ));
-        self.publish(Envelope {
-            users: members.iter().map(|m| m.user_id.clone()).collect(),
-            only_open_chat: None,
-            except_conn: None,
-            only_conn: None,
-            out: Outbound {
-                text: push("message", &wire).into(),
-                delivery: Some(Arc::new(super::Delivery {
-                    chat_id: record.chat_id.as_str().into(),
-                    seq: record.seq,
-                    sender_id: record.sender_id.as_str().into(),
-                })),
-            },
-        });
+    /// `push` for one connection, on whichever node holds it.
+    pub async fn send_to(&self, user: &str, conn: ConnId, push: Arc<Push>) {
+        let c = Control::Deliver {
+            user: user.to_owned(),
+            conn,
+            push,
+        };
+        if let Err(e) = self.broker.send_control(conn.node(), c).await {
+            metrics::counter!("switchboard_broker_errors_total", "op" => "control").increment(1);
+            tracing::warn!(error = %e, "control message failed");
+        }
+    }
+
+    /// Pushes a newly stored message to every connection of every member; the push (its data
+    /// is the wire `Message`, for a reply to reuse).
+    pub async fn publish_message(&self, record: &MessageRecord, members: &[Member]) -> Arc<Push> {
+        let status = crate::store::status_of(record.seq, &record.sender_id, members);
+        let push = Push::message(events::MESSAGE, &Message::new(record, status), true);
+        self.publish_to(
+            members.iter().map(|m| m.user_id.clone()).collect(),
+            push.clone(),
+        )
+        .await;
+        push
     }
 
     /// Pushes `message:status` to each sender whose messages changed status.
-    pub fn publish_status(&self, changes: Vec<StatusChange>) {
+    pub async fn publish_status(&self, changes: Vec<StatusChange>) {
         for c in changes {
-            self.publish_to(
-                vec![c.sender_id.clone()],
-                push(
-                    "message:status",
-                    json!({"messageId": c.message_id, "chatId": c.chat_id, "seq": c.seq, "status": c.status}),
-                ),
+            let push = Push::new(
+                events::MESSAGE_STATUS,
+                &MessageStatusChanged {
+                    message_id: &c.message_id,
+                    chat_id: &c.chat_id,
+                    seq: c.seq,
+                    status: c.status,
+                },
             );
+            self.publish_to(vec![c.sender_id], push).await;
         }
     }
 
@@ -153,71 +158,40 @@ impl Node {
         let _ = self.delivery_tx.send(update).await;
     }
 
-    pub fn is_online(&self, user_id: &str) -> bool {
-        self.presence
-            .lock()
-            .expect("presence lock")
-            .is_online(user_id)
-    }
-
-    pub async fn connected(&self, user_id: &str) {
-        let ev = self
-            .presence
-            .lock()
-            .expect("presence lock")
-            .connect(user_id, now_ms());
-        self.presence_changed.notify_one();
-        if let Some(ev) = ev {
-            self.dispatch_presence(vec![ev]).await;
-        }
-    }
-
-    pub async fn disconnected(&self, user_id: &str) {
-        let events = self
-            .presence
-            .lock()
-            .expect("presence lock")
-            .disconnect(user_id, now_ms());
-        self.presence_changed.notify_one();
-        self.dispatch_presence(events).await;
-    }
-
     /// `typing-start`; pushes `user-typing` to the other members' connections that have the
     /// chat open.
-    pub fn typing_start(&self, user_id: &str, chat_id: &str, others: Vec<String>) {
-        self.presence
-            .lock()
-            .expect("presence lock")
-            .typing_start(user_id, chat_id, now_ms());
+    pub async fn typing_start(&self, user_id: &str, chat_id: &str, others: Vec<String>) {
+        self.hub.typing_start(user_id, chat_id, now_ms());
         self.presence_changed.notify_one();
-        self.publish_typing("user-typing", user_id, chat_id, others);
+        self.publish_typing(events::USER_TYPING, user_id, chat_id, others)
+            .await;
     }
 
     /// `typing-stop` (or a sent message): pushes `user-stopped-typing` if the user was typing.
-    pub fn typing_stop(&self, user_id: &str, chat_id: &str, others: Vec<String>) {
-        let was = self
-            .presence
-            .lock()
-            .expect("presence lock")
-            .typing_stop(user_id, chat_id);
-        if was {
-            self.publish_typing("user-stopped-typing", user_id, chat_id, others);
+    pub async fn typing_stop(&self, user_id: &str, chat_id: &str, others: Vec<String>) {
+        if self.hub.typing_stop(user_id, chat_id) {
+            self.publish_typing(events::USER_STOPPED_TYPING, user_id, chat_id, others)
+                .await;
         }
     }
 
-    fn publish_typing(&self, event: &str, user_id: &str, chat_id: &str, others: Vec<String>) {
-        self.publish(Envelope {
+    async fn publish_typing(
+        &self,
+        event: &'static str,
+        user_id: &str,
+        chat_id: &str,
+        others: Vec<String>,
+    ) {
+        self.publish(Publication {
             users: others,
             only_open_chat: Some(chat_id.to_owned()),
-            except_conn: None,
-            only_conn: None,
-            out: Outbound::frame(push(event, json!({"userId": user_id, "chatId": chat_id}))),
-        });
+            push: Push::new(event, &Typing { user_id, chat_id }),
+        })
+        .await;
     }
 
     async fn dispatch_presence(&self, events: Vec<PresenceEvent>) {
-        let online = self.presence.lock().expect("presence lock").online_count();
-        metrics::gauge!("switchboard_users_online").set(online as f64);
+        metrics::gauge!("switchboard_users_online").set(self.hub.online_count() as f64);
         for ev in events {
             match ev {
                 PresenceEvent::Online { user_id } => {
@@ -237,7 +211,13 @@ impl Node {
                                 .map(|m| m.user_id)
                                 .filter(|u| *u != user_id)
                                 .collect();
-                            self.publish_typing("user-stopped-typing", &user_id, &chat_id, others);
+                            self.publish_typing(
+                                events::USER_STOPPED_TYPING,
+                                &user_id,
+                                &chat_id,
+                                others,
+                            )
+                            .await;
                         }
                         Err(e) => {
                             tracing::warn!(error = %e, "typing expiry: members lookup failed")
@@ -259,13 +239,17 @@ impl Node {
                 .and_then(|u| u.last_seen_at),
         };
         match self.store.contacts_of(user_id).await {
-            Ok(contacts) if !contacts.is_empty() => self.publish_to(
-                contacts,
-                push(
-                    "users:update",
-                    json!({"userId": user_id, "isOnline": online, "lastSeenAt": last_seen.map(rfc3339_ms)}),
-                ),
-            ),
+            Ok(contacts) if !contacts.is_empty() => {
+                let push = Push::new(
+                    events::USERS_UPDATE,
+                    &UsersUpdate {
+                        user_id,
+                        is_online: online,
+                        last_seen_at: last_seen.map(rfc3339_ms),
+                    },
+                );
+                self.publish_to(contacts, push).await;
+            }
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "presence: contacts lookup failed"),
         }
@@ -274,7 +258,7 @@ impl Node {
     /// Runs the presence timers until `shutdown`.
     pub async fn run_presence(self: Arc<Self>, shutdown: CancellationToken) {
         loop {
-            let next = self.presence.lock().expect("presence lock").poll_timeout();
+            let next = self.hub.presence_timeout();
             let sleep = async {
                 match next {
                     Some(at) => {
@@ -289,11 +273,7 @@ impl Node {
                 _ = self.presence_changed.notified() => continue,
                 _ = sleep => {}
             }
-            let events = self
-                .presence
-                .lock()
-                .expect("presence lock")
-                .handle_timeout(now_ms());
+            let events = self.hub.presence_expire(now_ms());
             self.dispatch_presence(events).await;
         }
     }
@@ -334,7 +314,7 @@ impl Node {
                     })
                     .collect();
                 match self.store.advance_cursors(updates).await {
-                    Ok(changes) => self.publish_status(changes),
+                    Ok(changes) => self.publish_status(changes).await,
                     Err(e) => tracing::warn!(error = %e, "could not store delivery receipts"),
                 }
             }
@@ -342,5 +322,57 @@ impl Node {
                 return;
             }
         }
+    }
+
+    /// Leaves the broker (the node is stopping).
+    pub async fn leave(&self) {
+        self.broker.unsubscribe(self.id()).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hub::presence::Presence;
+    use crate::hub::{MemoryBroker, UserLimits};
+
+    fn hub(node: u64) -> Arc<Hub> {
+        Arc::new(Hub::new(
+            NodeId(node),
+            8,
+            UserLimits::default(),
+            Presence::new(0, 6000),
+        ))
+    }
+
+    /// Two nodes on one broker, as a cluster runs: a publication from one reaches the other's
+    /// connections, and a push for one connection goes to the node its id names.
+    #[tokio::test]
+    async fn two_nodes_on_one_broker_reach_each_others_connections() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::open("", dir.path()).await.unwrap();
+        let broker = Arc::new(MemoryBroker::new());
+        let a = Node::start(store.clone(), hub(1), broker.clone())
+            .await
+            .unwrap();
+        let b = Node::start(store.clone(), hub(2), broker.clone())
+            .await
+            .unwrap();
+        assert!(
+            Node::start(store, hub(2), broker.clone()).await.is_err(),
+            "one subscription per node id"
+        );
+        let mut on_a = a.connect("u").await.unwrap();
+        let mut on_b = b.connect("u").await.unwrap();
+        assert_eq!(on_b.conn_id.node(), NodeId(2));
+        a.publish_to(vec!["u".into()], Push::new("e", "all")).await;
+        assert_eq!(on_a.rx.try_recv().unwrap().data_json(), "\"all\"");
+        assert_eq!(on_b.rx.try_recv().unwrap().data_json(), "\"all\"");
+        a.send_to("u", on_b.conn_id, Push::new("e", "one")).await;
+        assert_eq!(on_b.rx.try_recv().unwrap().data_json(), "\"one\"");
+        assert!(on_a.rx.try_recv().is_err(), "only the addressed connection");
+        b.leave().await;
+        a.send_to("u", on_b.conn_id, Push::new("e", "gone")).await;
+        assert!(on_b.rx.try_recv().is_err(), "a node that left gets nothing");
     }
 }

@@ -1,9 +1,10 @@
 //! Presence and typing, pure: inputs carry `now` (unix ms), outputs are events; the shell asks
 //! [`Presence::poll_timeout`] when to call [`Presence::handle_timeout`].
 //!
-//! A user is online while at least one connection is up, and stays online for `grace_ms` after
-//! the last one went away, so a page reload does not flicker offline/online. A `typing-start`
-//! not refreshed within `typing_ms` ends by itself.
+//! Who is connected is the hub's registry; this machine only hears when a user's first
+//! connection came up and their last went away. A user stays online for `grace_ms` after the
+//! last one, so a page reload does not flicker offline/online. A `typing-start` not refreshed
+//! within `typing_ms` ends by itself. No tokio, no clock.
 
 use std::collections::{BTreeSet, HashMap};
 
@@ -26,7 +27,6 @@ pub enum PresenceEvent {
 pub struct Presence {
     grace_ms: i64,
     typing_ms: i64,
-    connections: HashMap<String, usize>,
     /// user → (deadline, when the last connection left)
     pending_offline: HashMap<String, (i64, i64)>,
     /// (user, chat) → deadline
@@ -43,29 +43,24 @@ impl Presence {
         Self {
             grace_ms,
             typing_ms,
-            connections: HashMap::new(),
             pending_offline: HashMap::new(),
             typing: HashMap::new(),
             timers: BTreeSet::new(),
         }
     }
 
-    /// Users online now (connected, or inside their offline grace).
-    pub fn online_count(&self) -> usize {
-        self.connections.len() + self.pending_offline.len()
+    /// Users inside their offline grace (gone, not yet shown offline).
+    pub fn in_grace_count(&self) -> usize {
+        self.pending_offline.len()
     }
 
-    pub fn is_online(&self, user_id: &str) -> bool {
-        self.connections.contains_key(user_id) || self.pending_offline.contains_key(user_id)
+    /// Whether `user_id` is gone but still inside the grace (so still shown online).
+    pub fn in_grace(&self, user_id: &str) -> bool {
+        self.pending_offline.contains_key(user_id)
     }
 
-    /// A connection of `user_id` came up.
-    pub fn connect(&mut self, user_id: &str, _now: i64) -> Option<PresenceEvent> {
-        let count = self.connections.entry(user_id.to_owned()).or_insert(0);
-        *count += 1;
-        if *count > 1 {
-            return None;
-        }
+    /// The first connection of `user_id` came up.
+    pub fn connected(&mut self, user_id: &str, _now: i64) -> Option<PresenceEvent> {
         if let Some((deadline, _)) = self.pending_offline.remove(user_id) {
             self.timers
                 .remove(&(deadline, T_OFFLINE, user_id.to_owned(), String::new()));
@@ -76,22 +71,19 @@ impl Presence {
         })
     }
 
-    /// A connection of `user_id` went away.
-    pub fn disconnect(&mut self, user_id: &str, now: i64) -> Vec<PresenceEvent> {
-        let Some(count) = self.connections.get_mut(user_id) else {
-            return Vec::new();
-        };
-        *count -= 1;
-        if *count > 0 {
-            return Vec::new();
-        }
-        self.connections.remove(user_id);
+    /// The last connection of `user_id` went away.
+    pub fn disconnected(&mut self, user_id: &str, now: i64) -> Vec<PresenceEvent> {
         if self.grace_ms <= 0 {
             return self.go_offline(user_id, now);
         }
         let deadline = now + self.grace_ms;
-        self.pending_offline
-            .insert(user_id.to_owned(), (deadline, now));
+        if let Some((old, _)) = self
+            .pending_offline
+            .insert(user_id.to_owned(), (deadline, now))
+        {
+            self.timers
+                .remove(&(old, T_OFFLINE, user_id.to_owned(), String::new()));
+        }
         self.timers
             .insert((deadline, T_OFFLINE, user_id.to_owned(), String::new()));
         Vec::new()
@@ -185,13 +177,11 @@ mod tests {
     }
 
     #[test]
-    fn first_connection_goes_online_last_goes_offline_after_grace() {
+    fn online_at_the_first_connection_offline_after_the_grace() {
         let mut p = Presence::new(5000, 6000);
-        assert_eq!(p.connect("a", 0), Some(online("a")));
-        assert_eq!(p.connect("a", 10), None);
-        assert!(p.disconnect("a", 20).is_empty());
-        assert!(p.disconnect("a", 30).is_empty());
-        assert!(p.is_online("a"), "still online during the grace");
+        assert_eq!(p.connected("a", 0), Some(online("a")));
+        assert!(p.disconnected("a", 30).is_empty());
+        assert!(p.in_grace("a"), "still online during the grace");
         assert_eq!(p.poll_timeout(), Some(5030));
         assert!(p.handle_timeout(5029).is_empty());
         assert_eq!(
@@ -201,27 +191,27 @@ mod tests {
                 at: 30
             }]
         );
-        assert!(!p.is_online("a"));
+        assert!(!p.in_grace("a"));
         assert_eq!(p.poll_timeout(), None);
     }
 
     #[test]
     fn reconnect_within_grace_is_silent() {
         let mut p = Presence::new(5000, 6000);
-        p.connect("a", 0);
-        p.disconnect("a", 100);
-        assert_eq!(p.connect("a", 4000), None);
+        p.connected("a", 0);
+        p.disconnected("a", 100);
+        assert_eq!(p.connected("a", 4000), None);
         assert_eq!(p.poll_timeout(), None);
         assert!(p.handle_timeout(100_000).is_empty());
-        assert!(p.is_online("a"));
+        assert_eq!(p.in_grace_count(), 0);
     }
 
     #[test]
     fn zero_grace_is_immediate() {
         let mut p = Presence::new(0, 6000);
-        p.connect("a", 0);
+        p.connected("a", 0);
         assert_eq!(
-            p.disconnect("a", 7),
+            p.disconnected("a", 7),
             vec![PresenceEvent::Offline {
                 user_id: "a".into(),
                 at: 7
@@ -252,9 +242,9 @@ mod tests {
     #[test]
     fn going_offline_stops_typing() {
         let mut p = Presence::new(0, 6000);
-        p.connect("a", 0);
+        p.connected("a", 0);
         p.typing_start("a", "c", 0);
-        let ev = p.disconnect("a", 5);
+        let ev = p.disconnected("a", 5);
         assert_eq!(
             ev,
             vec![

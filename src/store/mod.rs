@@ -1,6 +1,7 @@
 //! Persistence behind the [`Store`] trait: users, refresh tokens, chats, messages and the
-//! per-user delivered/read cursors. Backends: [`sqlite`] (default). Must not import the hub, the
-//! WebSocket or HTTP layers.
+//! per-user delivered/read cursors. Backends: [`sqlite`] (default); [`open`] is the one place a
+//! backend is chosen from `database.url`. `tests/store_conformance.rs` holds every backend to
+//! the same behaviour. Must not import the hub, `client`, the transports or `app`.
 //!
 //! Invariants every backend keeps:
 //! - a message's `seq` is per chat, starts at 1 and has no gaps: it is taken from `chats.last_seq`
@@ -32,6 +33,38 @@ pub enum StoreError {
 
 pub type StoreResult<T> = Result<T, StoreError>;
 
+/// Opens the store `url` names (`database.url`): empty for `switchboard.db` in `data_dir`,
+/// `sqlite:PATH` or `sqlite://PATH`. Every operation is timed into `switchboard_store_seconds`.
+pub async fn open(url: &str, data_dir: &std::path::Path) -> StoreResult<std::sync::Arc<dyn Store>> {
+    match Backend::of(url, data_dir) {
+        Backend::Sqlite(path) => {
+            let store = sqlite::SqliteStore::open(&path).await?;
+            Ok(std::sync::Arc::new(timed::Timed(std::sync::Arc::new(
+                store,
+            ))))
+        }
+    }
+}
+
+/// The backend a `database.url` names, and where.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite(std::path::PathBuf),
+}
+
+impl Backend {
+    pub fn of(url: &str, data_dir: &std::path::Path) -> Backend {
+        let url = url.trim();
+        match url
+            .strip_prefix("sqlite://")
+            .or(url.strip_prefix("sqlite:"))
+        {
+            Some(path) if !path.is_empty() => Backend::Sqlite(path.into()),
+            _ => Backend::Sqlite(data_dir.join("switchboard.db")),
+        }
+    }
+}
+
 /// A message to insert (the store assigns `seq`).
 #[derive(Debug, Clone)]
 pub struct NewMessage {
@@ -40,7 +73,7 @@ pub struct NewMessage {
     pub sender_id: String,
     pub content: String,
     pub client_msg_id: Option<String>,
-    pub forwarded_from: Option<ForwardedFrom>,
+    pub forwarded_from: Option<ForwardedFromRecord>,
     pub call: Option<CallMeta>,
     pub created_at: i64,
 }
@@ -75,6 +108,10 @@ pub trait Store: Send + Sync + 'static {
     /// Cheap round trip for readiness checks.
     async fn ping(&self) -> StoreResult<()>;
 
+    /// Waits for what is in flight to commit, then releases the backend's connections. Every
+    /// call after it fails (it never hangs).
+    async fn close(&self);
+
     // --- users
     async fn create_user(&self, user: NewUser) -> StoreResult<UserRecord>;
     async fn user_by_id(&self, id: &str) -> StoreResult<UserRecord>;
@@ -107,13 +144,16 @@ pub trait Store: Send + Sync + 'static {
     // --- chats
     /// Creates a chat with the given participants (all must exist: `NotFound` otherwise).
     /// For `direct` chats, returns the existing one (`created == false`) when there is one.
-    async fn create_chat(&self, chat: NewChat) -> StoreResult<(Chat, bool)>;
-    async fn chat(&self, chat_id: &str) -> StoreResult<Chat>;
+    async fn create_chat(&self, chat: NewChat) -> StoreResult<(ChatRecord, bool)>;
+    async fn chat(&self, chat_id: &str) -> StoreResult<ChatRecord>;
     /// The chats of `user_id` with the caller's unread count and last message. A fixed number
     /// of queries, however many chats.
-    async fn chats_of(&self, user_id: &str) -> StoreResult<Vec<ChatSummary>>;
+    async fn chats_of(&self, user_id: &str) -> StoreResult<Vec<ChatOverview>>;
     /// Every chat of `user_id` with its members' cursors, in two queries.
-    async fn chats_with_members(&self, user_id: &str) -> StoreResult<Vec<(Chat, Vec<Member>)>>;
+    async fn chats_with_members(
+        &self,
+        user_id: &str,
+    ) -> StoreResult<Vec<(ChatRecord, Vec<Member>)>>;
     async fn is_member(&self, chat_id: &str, user_id: &str) -> StoreResult<bool>;
     async fn members(&self, chat_id: &str) -> StoreResult<Vec<Member>>;
 

@@ -1,8 +1,8 @@
-//! Stored records and the wire shapes built from them (PROTOCOL §1).
+//! Stored records (PROTOCOL §1's data, as the store keeps it; `wire::models` decides how it looks
+//! to a client) and the one derived value every backend shares: a message's status from the
+//! members' cursors.
 
-use serde::Serialize;
-
-use crate::time::rfc3339_ms;
+use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone)]
 pub struct NewUser {
@@ -23,31 +23,7 @@ pub struct UserRecord {
     pub last_seen_at: Option<i64>,
 }
 
-/// `User` on the wire.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "camelCase")]
-pub struct User {
-    pub id: String,
-    pub username: String,
-    pub display_name: String,
-    pub is_online: bool,
-    pub last_seen_at: Option<String>,
-}
-
-impl UserRecord {
-    pub fn to_wire(&self, is_online: bool) -> User {
-        User {
-            id: self.id.clone(),
-            username: self.username.clone(),
-            display_name: self.display_name.clone(),
-            is_online,
-            last_seen_at: self.last_seen_at.map(rfc3339_ms),
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ChatKind {
     Direct,
     Group,
@@ -72,25 +48,24 @@ pub struct NewChat {
     pub created_at: i64,
 }
 
-/// `Chat` on the wire.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "camelCase")]
-pub struct Chat {
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChatRecord {
     pub id: String,
     pub kind: ChatKind,
     pub title: Option<String>,
+    /// In the order they were added (creator first).
     pub participant_ids: Vec<String>,
-    pub created_at: String,
+    /// Unix ms.
+    pub created_at: i64,
     pub last_seq: i64,
 }
 
-/// A chat with what `GET /api/chats` adds for the caller.
-#[derive(Debug, Clone, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct ChatSummary {
-    #[serde(flatten)]
-    pub chat: Chat,
-    pub last_message: Option<Message>,
+/// A chat with what the chat list shows its member: the last message with its status as its
+/// sender sees it, and how many messages the member has not read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChatOverview {
+    pub chat: ChatRecord,
+    pub last_message: Option<(MessageRecord, MessageStatus)>,
     pub unread_count: i64,
 }
 
@@ -101,16 +76,16 @@ pub struct Member {
     pub read_seq: i64,
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "camelCase")]
-pub struct ForwardedFrom {
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ForwardedFromRecord {
     pub message_id: String,
     pub chat_id: String,
     pub sender_id: String,
 }
 
-/// What a call event message says about its call (`Message.call`).
-#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
+/// What a call event message says about its call. Stored as JSON (these field names are the
+/// storage format; keep them readable by older rows).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct CallMeta {
     pub call_id: String,
@@ -145,12 +120,11 @@ pub struct MessageRecord {
     pub client_msg_id: Option<String>,
     pub created_at: i64,
     pub pinned: bool,
-    pub forwarded_from: Option<ForwardedFrom>,
+    pub forwarded_from: Option<ForwardedFromRecord>,
     pub call: Option<CallMeta>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum MessageStatus {
     Sent,
     Delivered,
@@ -163,44 +137,6 @@ impl MessageStatus {
             MessageStatus::Sent => "sent",
             MessageStatus::Delivered => "delivered",
             MessageStatus::Read => "read",
-        }
-    }
-}
-
-/// `Message` on the wire.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "camelCase")]
-pub struct Message {
-    pub id: String,
-    pub chat_id: String,
-    pub seq: i64,
-    pub sender_id: String,
-    pub content: String,
-    pub client_msg_id: Option<String>,
-    pub created_at: String,
-    pub status: MessageStatus,
-    pub pinned: bool,
-    pub forwarded_from: Option<ForwardedFrom>,
-    /// `text`, or `call` for a call event (then `call` says which and how it went).
-    pub kind: &'static str,
-    pub call: Option<CallMeta>,
-}
-
-impl MessageRecord {
-    pub fn to_wire(&self, status: MessageStatus) -> Message {
-        Message {
-            id: self.id.clone(),
-            chat_id: self.chat_id.clone(),
-            seq: self.seq,
-            sender_id: self.sender_id.clone(),
-            content: self.content.clone(),
-            client_msg_id: self.client_msg_id.clone(),
-            created_at: rfc3339_ms(self.created_at),
-            status,
-            pinned: self.pinned,
-            forwarded_from: self.forwarded_from.clone(),
-            kind: if self.call.is_some() { "call" } else { "text" },
-            call: self.call.clone(),
         }
     }
 }
@@ -225,14 +161,6 @@ pub fn status_of(seq: i64, sender_id: &str, members: &[Member]) -> MessageStatus
     } else {
         MessageStatus::Sent
     }
-}
-
-/// Wire messages with their statuses for one chat.
-pub fn with_status(records: &[MessageRecord], members: &[Member]) -> Vec<Message> {
-    records
-        .iter()
-        .map(|r| r.to_wire(status_of(r.seq, &r.sender_id, members)))
-        .collect()
 }
 
 #[cfg(test)]

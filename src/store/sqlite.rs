@@ -173,12 +173,6 @@ impl SqliteStore {
         rx.await.map_err(|_| closed())?
     }
 
-    /// Closes both pools, waiting for in-flight queries.
-    pub async fn close(&self) {
-        self.writer.close().await;
-        self.reader.close().await;
-    }
-
     async fn members_in<'e, E>(exec: E, chat_id: &str) -> StoreResult<Vec<Member>>
     where
         E: sqlx::Executor<'e, Database = Sqlite>,
@@ -241,7 +235,7 @@ impl SqliteStore {
         Ok(out)
     }
 
-    async fn load_chat(&self, chat_id: &str) -> StoreResult<Chat> {
+    async fn load_chat(&self, chat_id: &str) -> StoreResult<ChatRecord> {
         let (kind, title, last_seq, created_at) = Self::chat_in(&self.reader, chat_id)
             .await?
             .ok_or(StoreError::NotFound)?;
@@ -339,8 +333,8 @@ fn make_chat(
     last_seq: i64,
     created_at: i64,
     members: &[Member],
-) -> Chat {
-    Chat {
+) -> ChatRecord {
+    ChatRecord {
         id: id.to_owned(),
         kind: if kind == "direct" {
             ChatKind::Direct
@@ -349,7 +343,7 @@ fn make_chat(
         },
         title,
         participant_ids: members.iter().map(|m| m.user_id.clone()).collect(),
-        created_at: crate::time::rfc3339_ms(created_at),
+        created_at,
         last_seq,
     }
 }
@@ -376,7 +370,7 @@ fn message_from_row(r: &SqliteRow) -> MessageRecord {
         client_msg_id: r.get("client_msg_id"),
         created_at: r.get("created_at"),
         pinned: r.get::<i64, _>("pinned") != 0,
-        forwarded_from: fwd_id.map(|message_id| ForwardedFrom {
+        forwarded_from: fwd_id.map(|message_id| ForwardedFromRecord {
             message_id,
             chat_id: r.get("fwd_chat_id"),
             sender_id: r.get("fwd_sender_id"),
@@ -407,6 +401,12 @@ impl Store for SqliteStore {
     async fn ping(&self) -> StoreResult<()> {
         sqlx::query("SELECT 1").execute(&self.reader).await?;
         Ok(())
+    }
+
+    /// Closes both pools, waiting for in-flight queries (a group commit in progress finishes).
+    async fn close(&self) {
+        self.writer.close().await;
+        self.reader.close().await;
     }
 
     async fn create_user(&self, user: NewUser) -> StoreResult<UserRecord> {
@@ -574,7 +574,7 @@ impl Store for SqliteStore {
         Ok(RefreshOutcome::Rotated { user_id, family_id })
     }
 
-    async fn create_chat(&self, chat: NewChat) -> StoreResult<(Chat, bool)> {
+    async fn create_chat(&self, chat: NewChat) -> StoreResult<(ChatRecord, bool)> {
         let mut tx = self.writer.begin().await?;
         for uid in &chat.participant_ids {
             let exists: Option<i64> = sqlx::query_scalar("SELECT 1 FROM users WHERE id = ?")
@@ -621,23 +621,23 @@ impl Store for SqliteStore {
         }
         tx.commit().await?;
         Ok((
-            Chat {
+            ChatRecord {
                 id: chat.id,
                 kind: chat.kind,
                 title: chat.title,
                 participant_ids: chat.participant_ids,
-                created_at: crate::time::rfc3339_ms(chat.created_at),
+                created_at: chat.created_at,
                 last_seq: 0,
             },
             true,
         ))
     }
 
-    async fn chat(&self, chat_id: &str) -> StoreResult<Chat> {
+    async fn chat(&self, chat_id: &str) -> StoreResult<ChatRecord> {
         self.load_chat(chat_id).await
     }
 
-    async fn chats_of(&self, user_id: &str) -> StoreResult<Vec<ChatSummary>> {
+    async fn chats_of(&self, user_id: &str) -> StoreResult<Vec<ChatOverview>> {
         // One read transaction: the three queries see one snapshot (WAL), so a message
         // committed between them cannot skew the unread count.
         let mut tx = self.reader.begin().await?;
@@ -687,23 +687,24 @@ impl Store for SqliteStore {
                 .map(|_| message_from_row(&r));
             let unread_count =
                 (last_seq - read_seq - own_after.get(&id).copied().unwrap_or(0)).max(0);
-            out.push(ChatSummary {
+            out.push(ChatOverview {
                 chat,
-                last_message: last
-                    .map(|m| m.to_wire(status_of(m.seq, &m.sender_id, &chat_members))),
+                last_message: last.map(|m| {
+                    let status = status_of(m.seq, &m.sender_id, &chat_members);
+                    (m, status)
+                }),
                 unread_count,
             });
         }
         // Most recently active first, as a chat list shows them.
-        out.sort_by(|a, b| {
-            let ka = a.last_message.as_ref().map(|m| m.created_at.clone());
-            let kb = b.last_message.as_ref().map(|m| m.created_at.clone());
-            kb.cmp(&ka)
-        });
+        out.sort_by_key(|o| std::cmp::Reverse(o.last_message.as_ref().map(|(m, _)| m.created_at)));
         Ok(out)
     }
 
-    async fn chats_with_members(&self, user_id: &str) -> StoreResult<Vec<(Chat, Vec<Member>)>> {
+    async fn chats_with_members(
+        &self,
+        user_id: &str,
+    ) -> StoreResult<Vec<(ChatRecord, Vec<Member>)>> {
         let mut tx = self.reader.begin().await?;
         let rows = sqlx::query(
             "SELECT c.id, c.kind, c.title, c.last_seq, c.created_at FROM chat_members me \

@@ -1,11 +1,13 @@
 //! A [`Store`] decorator that records how long each operation takes, in the
-//! `switchboard_store_seconds{op}` histogram (summary), whatever the backend.
+//! `switchboard_store_seconds{op}` histogram (summary), whatever the backend. Reads the clock
+//! (a monotonic one, for durations).
+#![allow(clippy::disallowed_methods)]
 
 use async_trait::async_trait;
 
 use super::*;
 
-/// Times the operations of a shared store (the app keeps its own handle to close it).
+/// Times the operations of a store.
 pub struct Timed<S: ?Sized>(pub std::sync::Arc<S>);
 
 macro_rules! timed {
@@ -21,6 +23,9 @@ macro_rules! timed {
 impl<S: Store + ?Sized> Store for Timed<S> {
     async fn ping(&self) -> StoreResult<()> {
         timed!("ping", self.0.ping())
+    }
+    async fn close(&self) {
+        self.0.close().await
     }
     async fn create_user(&self, user: NewUser) -> StoreResult<UserRecord> {
         timed!("create_user", self.0.create_user(user))
@@ -68,16 +73,19 @@ impl<S: Store + ?Sized> Store for Timed<S> {
             self.0.rotate_refresh_token(token_hash, next, now)
         )
     }
-    async fn create_chat(&self, chat: NewChat) -> StoreResult<(Chat, bool)> {
+    async fn create_chat(&self, chat: NewChat) -> StoreResult<(ChatRecord, bool)> {
         timed!("create_chat", self.0.create_chat(chat))
     }
-    async fn chat(&self, chat_id: &str) -> StoreResult<Chat> {
+    async fn chat(&self, chat_id: &str) -> StoreResult<ChatRecord> {
         timed!("chat", self.0.chat(chat_id))
     }
-    async fn chats_of(&self, user_id: &str) -> StoreResult<Vec<ChatSummary>> {
+    async fn chats_of(&self, user_id: &str) -> StoreResult<Vec<ChatOverview>> {
         timed!("chats_of", self.0.chats_of(user_id))
     }
-    async fn chats_with_members(&self, user_id: &str) -> StoreResult<Vec<(Chat, Vec<Member>)>> {
+    async fn chats_with_members(
+        &self,
+        user_id: &str,
+    ) -> StoreResult<Vec<(ChatRecord, Vec<Member>)>> {
         timed!("chats_with_members", self.0.chats_with_members(user_id))
     }
     async fn is_member(&self, chat_id: &str, user_id: &str) -> StoreResult<bool> {

@@ -8,12 +8,11 @@ pub mod filter;
 pub mod io;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket as StdUdpSocket};
-use std::ops::RangeInclusive;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
+use crate::wire::models::IceServer;
 use anyhow::Context;
-use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::turn_rest;
@@ -27,18 +26,6 @@ const MAX_PERMISSIONS: usize = 64;
 const MAX_CHANNELS: usize = 64;
 /// Worker threads at most (the relay-port owner table keeps a worker in a byte).
 const MAX_WORKERS: usize = 64;
-
-/// CIDR strings of the config as ranges.
-pub fn nets(list: &[String]) -> Result<Vec<ipnet::IpNet>, filter::BadRange> {
-    list.iter().map(|s| filter::parse_range(s)).collect()
-}
-
-/// `"49152-65535"` → `49152..=65535`.
-pub fn parse_port_range(s: &str) -> Option<RangeInclusive<u16>> {
-    let (a, b) = s.trim().split_once('-')?;
-    let (a, b): (u16, u16) = (a.trim().parse().ok()?, b.trim().parse().ok()?);
-    (a > 0 && a <= b).then_some(a..=b)
-}
 
 /// The address other machines reach this one at in `family`, when nothing is configured: the
 /// source address the kernel would pick for a public destination (no packet is sent).
@@ -120,15 +107,15 @@ pub struct Limits {
 }
 
 impl Limits {
-    pub fn from_config(cfg: &TurnConfig) -> anyhow::Result<Limits> {
-        Ok(Limits {
-            allow_peers: nets(&cfg.allow_peers).context("turn.allow_peers")?,
-            deny_peers: nets(&cfg.deny_peers).context("turn.deny_peers")?,
+    pub fn from_config(cfg: &TurnConfig) -> Limits {
+        Limits {
+            allow_peers: cfg.allow_peers.clone(),
+            deny_peers: cfg.deny_peers.clone(),
             user_quota: cfg.user_quota,
             total_quota: cfg.total_quota,
             max_allocation_lifetime: cfg.max_allocation_lifetime,
             max_bps_per_allocation: cfg.max_bps_per_allocation,
-        })
+        }
     }
 }
 
@@ -208,30 +195,25 @@ impl TurnServer {
         secret: String,
         tls: Option<crate::tls::TlsReloader>,
     ) -> anyhow::Result<TurnServer> {
-        let listen: SocketAddr = cfg.listen_udp.parse().with_context(|| {
-            format!(
-                "turn.listen_udp: `{}` is not an address:port",
-                cfg.listen_udp
-            )
-        })?;
-        let limits = Limits::from_config(cfg)?;
+        let listen = cfg.listen_udp;
+        let limits = Limits::from_config(cfg);
         let workers = worker_count();
         let socks =
             bind_listeners(listen, workers).with_context(|| format!("turn.listen_udp {listen}"))?;
         let udp = socks[0].local_addr()?;
-        let binding = relay_binding(cfg, listen)?;
-        let tcp = match cfg.listen_tcp.trim() {
-            "" => None,
-            a => Some(
-                tokio::net::TcpListener::bind(a.parse::<SocketAddr>().context("turn.listen_tcp")?)
+        let binding = relay_binding(cfg, listen);
+        let tcp = match cfg.listen_tcp {
+            None => None,
+            Some(a) => Some(
+                tokio::net::TcpListener::bind(a)
                     .await
                     .with_context(|| format!("turn.listen_tcp {a}"))?,
             ),
         };
-        let tls_listener = match cfg.listen_tls.trim() {
-            "" => None,
-            a => Some(
-                tokio::net::TcpListener::bind(a.parse::<SocketAddr>().context("turn.listen_tls")?)
+        let tls_listener = match cfg.listen_tls {
+            None => None,
+            Some(a) => Some(
+                tokio::net::TcpListener::bind(a)
                     .await
                     .with_context(|| format!("turn.listen_tls {a}"))?,
             ),
@@ -380,22 +362,10 @@ impl TurnServer {
 
 /// Which families are relayed, bound where and advertised as what (RFC 6156: IPv6 relaying
 /// when listening on IPv6). `turn.public_ip` may name one address per family, comma-separated.
-fn relay_binding(cfg: &TurnConfig, listen: SocketAddr) -> anyhow::Result<RelayBinding> {
-    let ports =
-        parse_port_range(&cfg.relay_ports).context("turn.relay_ports: expected `min-max`")?;
-    let mut public_v4 = None;
-    let mut public_v6 = None;
-    for part in cfg
-        .public_ip
-        .split(',')
-        .map(str::trim)
-        .filter(|p| !p.is_empty())
-    {
-        match part.parse::<IpAddr>().context("turn.public_ip")? {
-            IpAddr::V4(v4) => public_v4 = Some(IpAddr::V4(v4)),
-            IpAddr::V6(v6) => public_v6 = Some(IpAddr::V6(v6)),
-        }
-    }
+fn relay_binding(cfg: &TurnConfig, listen: SocketAddr) -> RelayBinding {
+    let ports = cfg.relay_ports.range();
+    let public_v4 = cfg.public_ip.v4.map(IpAddr::V4);
+    let public_v6 = cfg.public_ip.v6.map(IpAddr::V6);
     let ip = filter::canonical(listen.ip());
     let (bind_v4, bind_v6) = match ip {
         IpAddr::V4(v4) => (Some(IpAddr::V4(v4)), None),
@@ -425,13 +395,13 @@ fn relay_binding(cfg: &TurnConfig, listen: SocketAddr) -> anyhow::Result<RelayBi
     };
     let advertised_v4 = advertise(bind_v4, public_v4, false);
     let advertised_v6 = advertise(bind_v6, public_v6, true);
-    Ok(RelayBinding {
+    RelayBinding {
         bind_v4: bind_v4.filter(|_| advertised_v4.is_some()),
         bind_v6: bind_v6.filter(|_| advertised_v6.is_some()),
         advertised_v4,
         advertised_v6,
         ports,
-    })
+    }
 }
 
 /// What browsers need to reach the TURN server (PROTOCOL §4).
@@ -474,21 +444,25 @@ impl IceConfig {
         user_id: &str,
         request_host: &str,
         now: i64,
-    ) -> (Value, turn_rest::TurnCredential) {
+    ) -> (Vec<IceServer>, turn_rest::TurnCredential) {
         let host = if self.public_host.is_empty() {
             host_of(request_host)
         } else {
             &self.public_host
         };
         let cred = turn_rest::mint(secret, user_id, now, self.ttl_secs);
-        let servers = json!([
-            {"urls": [format!("stun:{}:{}", uri_host(host), self.udp_port)]},
-            {
-                "urls": self.uris(request_host),
-                "username": cred.username,
-                "credential": cred.password,
-            }
-        ]);
+        let servers = vec![
+            IceServer {
+                urls: vec![format!("stun:{}:{}", uri_host(host), self.udp_port)],
+                username: None,
+                credential: None,
+            },
+            IceServer {
+                urls: self.uris(request_host),
+                username: Some(cred.username.clone()),
+                credential: Some(cred.password.clone()),
+            },
+        ];
         (servers, cred)
     }
 
@@ -512,18 +486,29 @@ impl IceConfig {
     }
 }
 
+/// Whether a STUN Binding request to `addr` is answered within a second (RFC 8489 §6): the
+/// readiness probe of our own listener.
+pub async fn answers_stun(addr: SocketAddr) -> bool {
+    let probe = async {
+        let sock = tokio::net::UdpSocket::bind((addr.ip(), 0)).await.ok()?;
+        let mut req = vec![0x00, 0x01, 0x00, 0x00, 0x21, 0x12, 0xa4, 0x42];
+        let mut txid = [0u8; 12];
+        getrandom::fill(&mut txid).ok()?;
+        req.extend_from_slice(&txid);
+        sock.send_to(&req, addr).await.ok()?;
+        let mut buf = [0u8; 512];
+        let (n, _) = sock.recv_from(&mut buf).await.ok()?;
+        Some(n >= 20 && buf[0..2] == [0x01, 0x01] && buf[8..20] == txid)
+    };
+    matches!(
+        tokio::time::timeout(std::time::Duration::from_secs(1), probe).await,
+        Ok(Some(true))
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn port_ranges() {
-        assert_eq!(parse_port_range("49152-65535"), Some(49152..=65535));
-        assert_eq!(parse_port_range(" 20000 - 20010 "), Some(20000..=20010));
-        assert_eq!(parse_port_range("0-10"), None);
-        assert_eq!(parse_port_range("10-5"), None);
-        assert_eq!(parse_port_range("10"), None);
-    }
 
     #[test]
     fn hosts() {
@@ -540,9 +525,10 @@ mod tests {
             ttl_secs: 60,
         };
         let (servers, cred) = ice.ice_servers("s", "u1", "[::1]:8080", 1000);
-        assert_eq!(servers[0]["urls"][0], "stun:[::1]:3478");
-        assert_eq!(servers[1]["urls"][0], "turn:[::1]:3478?transport=udp");
-        assert_eq!(servers[1]["username"], "1060:u1");
+        assert_eq!(servers[0].urls[0], "stun:[::1]:3478");
+        assert_eq!(servers[0].username, None);
+        assert_eq!(servers[1].urls[0], "turn:[::1]:3478?transport=udp");
+        assert_eq!(servers[1].username.as_deref(), Some("1060:u1"));
         assert_eq!(cred.expires_at, 1060);
         let ice = IceConfig {
             public_host: "turn.example.org".into(),

@@ -98,7 +98,7 @@ async fn credentials(s: &TestServer, user: &TestUser) -> (String, String) {
 async fn coturn_uclient_relays_to_an_allowed_loopback_peer() {
     let s = TestServer::start_with(|c| {
         turn_config(c);
-        c.turn.allow_peers = vec!["127.0.0.1/32".into()];
+        c.turn.allow_peers = vec!["127.0.0.1/32".parse().unwrap()];
     })
     .await;
     let u = s.register("alice").await;
@@ -233,8 +233,8 @@ async fn uclient_c2c(port: u16, extra: &'static [&'static str]) -> (u64, u64) {
 async fn coturn_uclient_over_tcp_tls_and_the_shared_https_port() {
     let (s, _cert) = TestServer::start_https(|c| {
         turn_config(c);
-        c.turn.listen_tcp = "127.0.0.1:0".into();
-        c.turn.listen_tls = "127.0.0.1:0".into();
+        c.turn.listen_tcp = Some("127.0.0.1:0".parse().unwrap());
+        c.turn.listen_tls = Some("127.0.0.1:0".parse().unwrap());
     })
     .await;
     let t = s.turn();

@@ -73,8 +73,8 @@ async fn token_over_https(s: &TestServer, cert: &Path) -> String {
 
 fn streams(c: &mut switchboard::config::Config) {
     turn_config(c);
-    c.turn.listen_tcp = "127.0.0.1:0".into();
-    c.turn.listen_tls = "127.0.0.1:0".into();
+    c.turn.listen_tcp = Some("127.0.0.1:0".parse().unwrap());
+    c.turn.listen_tls = Some("127.0.0.1:0".parse().unwrap());
 }
 
 #[tokio::test]
@@ -145,8 +145,8 @@ async fn a_wrong_public_ip_shows_as_a_relay_address_that_does_not_answer() {
         turn_config(c);
         // TEST-NET-1: nobody answers there. Loopback is named a peer, so the doctor, on this
         // host, may knock on the relay from its own address.
-        c.turn.public_ip = "192.0.2.1".into();
-        c.turn.allow_peers = vec!["127.0.0.1".into()];
+        c.turn.public_ip = "192.0.2.1".parse().unwrap();
+        c.turn.allow_peers = vec!["127.0.0.1/32".parse().unwrap()];
     })
     .await;
     let u = s.register("doctor").await;
@@ -165,8 +165,8 @@ async fn a_wrong_public_ip_shows_as_a_relay_address_that_does_not_answer() {
     // With the right address the same knock gets through.
     let s2 = TestServer::start_with(|c| {
         turn_config(c);
-        c.turn.relay_ports = "42000-42999".into();
-        c.turn.allow_peers = vec!["127.0.0.1".into()];
+        c.turn.relay_ports = "42000-42999".parse().unwrap();
+        c.turn.allow_peers = vec!["127.0.0.1/32".parse().unwrap()];
     })
     .await;
     let u = s2.register("doctor").await;

@@ -4,6 +4,7 @@
 #![allow(clippy::disallowed_methods)] // tests read the clock freely
 #![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 
+mod binary;
 mod calls;
 mod common;
 mod coturn;
@@ -13,5 +14,6 @@ mod ops;
 mod process;
 mod resilience;
 mod rest;
+mod transcript;
 mod turn;
 mod ws_chat;

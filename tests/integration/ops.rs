@@ -1,10 +1,9 @@
 //! Operations: systemd notify protocol, SIGHUP reload (TLS certificate, TURN secret) without
 //! dropping anything, the install script, the unit file, backups.
 
-use std::io::{BufRead, BufReader};
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -13,17 +12,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::rustls;
 
+use crate::binary::{Binary, BIN};
 use crate::common::*;
-
-const BIN: &str = env!("CARGO_BIN_EXE_switchboard");
-
-fn kill(child: &Child, sig: &str) {
-    assert!(Command::new("kill")
-        .args([sig, &child.id().to_string()])
-        .status()
-        .unwrap()
-        .success());
-}
 
 /// Datagrams on a socket the test owns, as systemd's notify socket.
 fn notify_socket(dir: &Path) -> (UnixDatagram, PathBuf) {
@@ -44,15 +34,13 @@ fn next_notify(sock: &UnixDatagram) -> String {
 fn notify_ready_only_after_the_ports_accept_then_watchdog_and_stopping() {
     let dir = tempfile::tempdir().unwrap();
     let (sock, path) = notify_socket(dir.path());
-    let mut child = Command::new(BIN)
+    let mut server = Binary::serve()
         .env("SWITCHBOARD_DATA_DIR", dir.path())
         .env("SWITCHBOARD_HTTP__LISTEN", "127.0.0.1:0")
         .env("SWITCHBOARD_TURN__LISTEN_UDP", "127.0.0.1:0")
         .env("NOTIFY_SOCKET", &path)
         .env("WATCHDOG_USEC", "300000")
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
+        .spawn();
     let ready = next_notify(&sock);
     assert!(ready.contains("READY=1"), "{ready}");
     // STATUS names the bound ports: both must already answer.
@@ -101,7 +89,7 @@ fn notify_ready_only_after_the_ports_accept_then_watchdog_and_stopping() {
         }
         assert!(started.elapsed() < Duration::from_secs(5));
     }
-    kill(&child, "-TERM");
+    server.signal("-TERM");
     let mut stopping = false;
     for _ in 0..10 {
         if next_notify(&sock).contains("STOPPING=1") {
@@ -110,7 +98,7 @@ fn notify_ready_only_after_the_ports_accept_then_watchdog_and_stopping() {
         }
     }
     assert!(stopping, "STOPPING=1 on SIGTERM");
-    assert_eq!(child.wait().unwrap().code(), Some(0));
+    assert_eq!(server.child.wait().unwrap().code(), Some(0));
 }
 
 fn der(cert: &Path) -> Vec<u8> {
@@ -200,58 +188,8 @@ async fn ping_pong(ws: &mut TlsWs) {
     }
 }
 
-struct Server {
-    child: Child,
-    http: std::net::SocketAddr,
-    turn: std::net::SocketAddr,
-    log: Arc<std::sync::Mutex<Vec<String>>>,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn spawn_with_config(config: &Path) -> Server {
-    let mut child = Command::new(BIN)
-        .args(["serve", "--config"])
-        .arg(config)
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let out = child.stdout.take().unwrap();
-    let log: Arc<std::sync::Mutex<Vec<String>>> = Arc::default();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let l = log.clone();
-    std::thread::spawn(move || {
-        let mut tx = Some(tx);
-        let (mut http, mut turn) = (None, None);
-        for line in BufReader::new(out).lines().map_while(Result::ok) {
-            if let Some(a) = line.split("https listening addr=").nth(1) {
-                http = Some(a.trim().to_owned());
-            }
-            if let Some(a) = line.split("turn listening (udp) addr=").nth(1) {
-                turn = Some(a.split_whitespace().next().unwrap().to_owned());
-            }
-            l.lock().unwrap().push(line);
-            if let (Some(h), Some(t)) = (&http, &turn) {
-                if let Some(tx) = tx.take() {
-                    let _ = tx.send((h.clone(), t.clone()));
-                }
-            }
-        }
-    });
-    let (http, turn) = rx
-        .recv_timeout(Duration::from_secs(30))
-        .expect("the server reports its addresses");
-    Server {
-        child,
-        http: http.parse().unwrap(),
-        turn: turn.parse().unwrap(),
-        log,
-    }
+fn spawn_with_config(config: &Path) -> Binary {
+    Binary::serve().config(config).wait_for_turn().spawn()
 }
 
 fn write_config(
@@ -286,10 +224,10 @@ async fn sighup_swaps_certificate_and_turn_secret_without_dropping_anything() {
     let mut server = spawn_with_config(&config);
 
     // HTTPS with certificate A; a user; a WebSocket over TLS.
-    let (_, presented) = tls_connect(server.http, &cert_a).await.unwrap();
+    let (_, presented) = tls_connect(server.addr, &cert_a).await.unwrap();
     assert_eq!(presented, der(&cert_a));
     let reg = https(
-        server.http,
+        server.addr,
         &cert_a,
         "POST",
         "/api/auth/register",
@@ -301,7 +239,7 @@ async fn sighup_swaps_certificate_and_turn_secret_without_dropping_anything() {
         .expect("registered over HTTPS")
         .to_owned();
     let user_id = reg["user"]["id"].as_str().unwrap().to_owned();
-    let (tls, _) = tls_connect(server.http, &cert_a).await.unwrap();
+    let (tls, _) = tls_connect(server.addr, &cert_a).await.unwrap();
     let (mut ws, _) =
         tokio_tungstenite::client_async(format!("wss://localhost/ws?token={token}"), tls)
             .await
@@ -314,10 +252,20 @@ async fn sighup_swaps_certificate_and_turn_secret_without_dropping_anything() {
         .unwrap()
         .as_secs() as i64;
     let old_cred = switchboard::auth::turn_rest::mint("secret-one", &user_id, now, 3600);
-    let a = crate::turn::TurnClient::new(server.turn, &old_cred.username, &old_cred.password, None)
-        .await;
-    let b = crate::turn::TurnClient::new(server.turn, &old_cred.username, &old_cred.password, None)
-        .await;
+    let a = crate::turn::TurnClient::new(
+        server.turn.unwrap(),
+        &old_cred.username,
+        &old_cred.password,
+        None,
+    )
+    .await;
+    let b = crate::turn::TurnClient::new(
+        server.turn.unwrap(),
+        &old_cred.username,
+        &old_cred.password,
+        None,
+    )
+    .await;
     let (ra, rb) = (
         a.client.allocate().await.unwrap(),
         b.client.allocate().await.unwrap(),
@@ -332,15 +280,9 @@ async fn sighup_swaps_certificate_and_turn_secret_without_dropping_anything() {
     std::fs::copy(&cert_b, &cert).unwrap();
     std::fs::copy(&key_b, &key).unwrap();
     write_config(&config, dir.path(), &cert, &key, "secret-two", "");
-    kill(&server.child, "-HUP");
+    server.signal("-HUP");
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !server
-        .log
-        .lock()
-        .unwrap()
-        .iter()
-        .any(|l| l.contains("configuration reloaded"))
-    {
+    while !server.logged(|l| l.contains("configuration reloaded")) {
         assert!(
             Instant::now() < deadline,
             "no reload: {:?}",
@@ -350,12 +292,12 @@ async fn sighup_swaps_certificate_and_turn_secret_without_dropping_anything() {
     }
 
     // New handshakes present the new certificate; the old one is no longer served.
-    let (_, presented) = tls_connect(server.http, &cert_b)
+    let (_, presented) = tls_connect(server.addr, &cert_b)
         .await
         .expect("new handshake with certificate B");
     assert_eq!(presented, der(&cert_b));
     assert!(
-        tls_connect(server.http, &cert_a).await.is_err(),
+        tls_connect(server.addr, &cert_a).await.is_err(),
         "certificate A is no longer presented"
     );
     // The WebSocket opened before the reload stays open and working.
@@ -365,8 +307,13 @@ async fn sighup_swaps_certificate_and_turn_secret_without_dropping_anything() {
     // Credentials of the new secret work, and the old secret still works as the previous one.
     for secret in ["secret-two", "secret-one"] {
         let cred = switchboard::auth::turn_rest::mint(secret, &user_id, now, 3600);
-        let c =
-            crate::turn::TurnClient::new(server.turn, &cred.username, &cred.password, None).await;
+        let c = crate::turn::TurnClient::new(
+            server.turn.unwrap(),
+            &cred.username,
+            &cred.password,
+            None,
+        )
+        .await;
         c.client
             .allocate()
             .await
@@ -376,9 +323,9 @@ async fn sighup_swaps_certificate_and_turn_secret_without_dropping_anything() {
 
     // A reload with an invalid config keeps the running one and says why.
     std::fs::write(&config, "[ws]\nheartbeat = 5\n").unwrap();
-    kill(&server.child, "-HUP");
+    server.signal("-HUP");
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !server.log.lock().unwrap().iter().any(|l| {
+    while !server.logged(|l| {
         l.contains("reload failed, keeping the running configuration") && l.contains("heartbeat")
     }) {
         assert!(
@@ -388,10 +335,10 @@ async fn sighup_swaps_certificate_and_turn_secret_without_dropping_anything() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let (_, presented) = tls_connect(server.http, &cert_b).await.unwrap();
+    let (_, presented) = tls_connect(server.addr, &cert_b).await.unwrap();
     assert_eq!(presented, der(&cert_b));
     ping_pong(&mut ws).await;
-    kill(&server.child, "-TERM");
+    server.signal("-TERM");
     assert_eq!(server.child.wait().unwrap().code(), Some(0));
 }
 

@@ -2,8 +2,7 @@
 //! duplicate), memory under a reader that never reads, SIGTERM exits 0.
 
 use std::collections::{HashMap, HashSet};
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,80 +11,15 @@ use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
 
+use crate::binary::Binary;
 use crate::common::*;
 
-/// The built `switchboard` binary, listening on a port the kernel chose.
-struct Proc {
-    child: Child,
-    addr: std::net::SocketAddr,
+/// The built binary in `data_dir` with the standalone test defaults and `extra_env`.
+fn spawn(data_dir: &std::path::Path, extra_env: &[(&str, &str)]) -> Binary {
+    Binary::serve().in_dir(data_dir).envs(extra_env).spawn()
 }
 
-impl Proc {
-    fn spawn(data_dir: &std::path::Path, extra_env: &[(&str, &str)]) -> Proc {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_switchboard"));
-        cmd.env("SWITCHBOARD_DATA_DIR", data_dir)
-            .env("SWITCHBOARD_HTTP__LISTEN", "127.0.0.1:0")
-            .env("SWITCHBOARD_TURN__ENABLED", "false")
-            .env("SWITCHBOARD_LOG__LEVEL", "info")
-            // These tests register many users from 127.0.0.1 and send bursts on purpose.
-            .env("SWITCHBOARD_AUTH__REGISTER_MAX_PER_IP", "0")
-            .env("SWITCHBOARD_WS__USER_MESSAGE_RATE", "0")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
-        for (k, v) in extra_env {
-            cmd.env(k, v);
-        }
-        let mut child = cmd.spawn().expect("spawn switchboard");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut tx = Some(tx);
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(rest) = line.split("http listening addr=").nth(1) {
-                    if let Some(tx) = tx.take() {
-                        let _ = tx.send(rest.trim().to_owned());
-                    }
-                }
-            }
-        });
-        let addr = rx
-            .recv_timeout(Duration::from_secs(30))
-            .expect("the binary reports its address");
-        Proc {
-            child,
-            addr: addr.parse().unwrap(),
-        }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://{}{}", self.addr, path)
-    }
-
-    fn kill9(&mut self) {
-        self.child.kill().unwrap(); // SIGKILL
-        self.child.wait().unwrap();
-    }
-
-    fn rss_kb(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
-        status
-            .lines()
-            .find(|l| l.starts_with("VmRSS:"))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .unwrap()
-            .parse()
-            .unwrap()
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-async fn register(http: &reqwest::Client, p: &Proc, name: &str) -> TestUser {
+async fn register(http: &reqwest::Client, p: &Binary, name: &str) -> TestUser {
     let body: Value = http
         .post(p.url("/api/auth/register"))
         .json(&json!({"username": name, "password": "password123"}))
@@ -102,7 +36,12 @@ async fn register(http: &reqwest::Client, p: &Proc, name: &str) -> TestUser {
     }
 }
 
-async fn group(http: &reqwest::Client, p: &Proc, owner: &TestUser, others: &[&TestUser]) -> String {
+async fn group(
+    http: &reqwest::Client,
+    p: &Binary,
+    owner: &TestUser,
+    others: &[&TestUser],
+) -> String {
     let ids: Vec<&str> = others.iter().map(|u| u.id.as_str()).collect();
     let body: Value = http
         .post(p.url("/api/chats"))
@@ -118,7 +57,7 @@ async fn group(http: &reqwest::Client, p: &Proc, owner: &TestUser, others: &[&Te
 }
 
 /// Every message of a chat, by paging `afterSeq`.
-async fn all_messages(http: &reqwest::Client, p: &Proc, token: &str, chat: &str) -> Vec<Value> {
+async fn all_messages(http: &reqwest::Client, p: &Binary, token: &str, chat: &str) -> Vec<Value> {
     let mut out = Vec::new();
     loop {
         let after = out
@@ -148,7 +87,7 @@ async fn all_messages(http: &reqwest::Client, p: &Proc, token: &str, chat: &str)
 async fn sigkill_mid_stream_loses_nothing_acked_and_retries_do_not_duplicate() {
     let dir = tempfile::tempdir().unwrap();
     let env = [("SWITCHBOARD_WS__RATE_LIMIT", "0")];
-    let mut p = Proc::spawn(dir.path(), &env);
+    let mut p = spawn(dir.path(), &env);
     let http = reqwest::Client::new();
     let users = [
         register(&http, &p, "user0").await,
@@ -217,7 +156,7 @@ async fn sigkill_mid_stream_loses_nothing_acked_and_retries_do_not_duplicate() {
     );
 
     // Restart on the same data dir: every acked message is there exactly once, at its seq.
-    let p = Proc::spawn(dir.path(), &env);
+    let p = spawn(dir.path(), &env);
     let stored = all_messages(&http, &p, &users[0].token, &chat).await;
     let mut count: HashMap<String, usize> = HashMap::new();
     for (i, m) in stored.iter().enumerate() {
@@ -275,7 +214,7 @@ async fn sigkill_mid_stream_loses_nothing_acked_and_retries_do_not_duplicate() {
     }
 }
 
-async fn metric(http: &reqwest::Client, p: &Proc, name: &str) -> f64 {
+async fn metric(http: &reqwest::Client, p: &Binary, name: &str) -> f64 {
     let text = http
         .get(p.url("/metrics"))
         .send()
@@ -294,7 +233,7 @@ async fn metric(http: &reqwest::Client, p: &Proc, name: &str) -> f64 {
 #[tokio::test]
 async fn a_reader_that_never_reads_is_cut_with_4429_and_memory_stays_bounded() {
     let dir = tempfile::tempdir().unwrap();
-    let p = Proc::spawn(dir.path(), &[("SWITCHBOARD_WS__RATE_LIMIT", "0")]);
+    let p = spawn(dir.path(), &[("SWITCHBOARD_WS__RATE_LIMIT", "0")]);
     let http = reqwest::Client::new();
     let sender = register(&http, &p, "sender").await;
     let slow = register(&http, &p, "slow").await;
@@ -373,7 +312,7 @@ async fn a_reader_that_never_reads_is_cut_with_4429_and_memory_stays_bounded() {
 #[tokio::test]
 async fn a_slow_reader_that_resumes_reading_sees_4429() {
     let dir = tempfile::tempdir().unwrap();
-    let p = Proc::spawn(
+    let p = spawn(
         dir.path(),
         &[
             ("SWITCHBOARD_WS__RATE_LIMIT", "0"),
@@ -416,20 +355,18 @@ async fn a_slow_reader_that_resumes_reading_sees_4429() {
 #[tokio::test]
 async fn sigterm_exits_zero_and_closes_with_1012() {
     let dir = tempfile::tempdir().unwrap();
-    let mut p = Proc::spawn(dir.path(), &[]);
+    let mut p = spawn(dir.path(), &[]);
     let http = reqwest::Client::new();
     let u = register(&http, &p, "alice").await;
     let mut ws = Ws::connect(p.addr, &u.token).await;
-    let pid = p.child.id().to_string();
-    let st = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-    assert!(st.success());
+    p.signal("-TERM");
     assert_eq!(ws.close_code().await, Some(1012));
     let status = p.child.wait().unwrap();
     assert_eq!(status.code(), Some(0), "graceful exit");
 }
 
 fn switchboard(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_switchboard"))
+    Command::new(crate::binary::BIN)
         .args(args)
         .env_remove("SWITCHBOARD_HTTP__LISTEN")
         .output()
@@ -474,7 +411,7 @@ fn check_config_accepts_the_reference_and_names_bad_keys() {
 #[tokio::test]
 async fn metrics_endpoint_speaks_prometheus() {
     let dir = tempfile::tempdir().unwrap();
-    let p = Proc::spawn(dir.path(), &[]);
+    let p = spawn(dir.path(), &[]);
     let http = reqwest::Client::new();
     let u = register(&http, &p, "alice").await;
     let mut ws = Ws::connect(p.addr, &u.token).await;
@@ -498,7 +435,7 @@ async fn metrics_endpoint_speaks_prometheus() {
 #[tokio::test]
 async fn sigint_ends_calls_with_server_shutdown_and_closes_with_1001() {
     let dir = tempfile::tempdir().unwrap();
-    let mut p = Proc::spawn(dir.path(), &[]);
+    let mut p = spawn(dir.path(), &[]);
     let http = reqwest::Client::new();
     let a = register(&http, &p, "alice").await;
     let b = register(&http, &p, "bob").await;
@@ -529,19 +466,14 @@ async fn sigint_ends_calls_with_server_shutdown_and_closes_with_1001() {
     .await;
     wa.event("call:answer").await;
 
-    let pid = p.child.id().to_string();
-    assert!(Command::new("kill")
-        .args(["-INT", &pid])
-        .status()
-        .unwrap()
-        .success());
+    p.signal("-INT");
     for ws in [&mut wa, &mut wb] {
         assert_eq!(ws.event("call:end").await["reason"], "server_shutdown");
         assert_eq!(ws.close_code().await, Some(1001));
     }
     assert_eq!(p.child.wait().unwrap().code(), Some(0));
     // The call was recorded before the process exited.
-    let p = Proc::spawn(dir.path(), &[]);
+    let p = spawn(dir.path(), &[]);
     let page: Value = http
         .get(p.url(&format!("/api/chats/{chat}/messages")))
         .bearer_auth(&a.token)

@@ -19,8 +19,8 @@ pub const SECRET: &str = "turn-test-secret";
 /// Server config for TURN tests: UDP on loopback, a relay range of our own, a known secret.
 pub fn turn_config(c: &mut switchboard::config::Config) {
     c.turn.enabled = true;
-    c.turn.listen_udp = "127.0.0.1:0".into();
-    c.turn.relay_ports = "41000-41999".into();
+    c.turn.listen_udp = "127.0.0.1:0".parse().unwrap();
+    c.turn.relay_ports = "41000-41999".parse().unwrap();
     c.turn.secret = SECRET.into();
 }
 
@@ -563,7 +563,7 @@ async fn turn_ports_are_released_on_shutdown() {
 async fn behind_nat_the_relay_address_carries_the_public_ip() {
     let s = TestServer::start_with(|c| {
         turn_config(c);
-        c.turn.public_ip = "203.0.113.7".into();
+        c.turn.public_ip = "203.0.113.7".parse().unwrap();
     })
     .await;
     let u = s.register("alice").await;
@@ -732,7 +732,7 @@ async fn ipv6_relays_when_listening_on_ipv6_and_440_for_a_family_it_lacks() {
     }
     let s = TestServer::start_with(|c| {
         turn_config(c);
-        c.turn.listen_udp = "[::1]:0".into();
+        c.turn.listen_udp = "[::1]:0".parse().unwrap();
     })
     .await;
     let server = s.turn_addr().unwrap();
