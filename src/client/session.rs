@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Client, Outcome};
 use crate::error::{ApiError, ErrorCode};
-use crate::hub::Registration;
+use crate::hub::{ConnId, Registration};
 use crate::services::Services;
 use crate::time::{now_ms, rfc3339_ms};
 use crate::wire::chat::ConnectionEstablished;
@@ -179,28 +179,15 @@ pub async fn serve<T, S>(
     };
     let conn_id = reg.conn_id;
     tracing::debug!(user_id = %user_id, conn_id = %conn_id, "connected");
-    let mut client = Client::new(
-        services.clone(),
-        user_id.clone(),
-        conn_id,
-        authed.expires_at,
-    );
-    // Every (re)connect refreshes the TURN credentials.
-    let (ice_servers, ice_expires) = services.ice_servers(&user_id, &host);
-    let hello = Push::new(
-        events::CONNECTION_ESTABLISHED,
-        &ConnectionEstablished {
-            user_id: &user_id,
-            connection_id: conn_id.to_string(),
-            heartbeat_interval_ms: services.config.ws.heartbeat_interval.as_millis() as u64,
-            server_time: rfc3339_ms(now_ms()),
-            ice_servers: &ice_servers,
-            ice_expires_at: ice_expires.map(|e| rfc3339_ms(e * 1000)),
-        },
-    );
+    // Every (re)connect refreshes the TURN credentials. The greeting is dropped once written:
+    // an idle connection keeps nothing it no longer needs.
+    let hello = hello(&services, &user_id, conn_id, host);
     metrics::gauge!("switchboard_ws_connections").increment(1.0);
     services.calls.connection_up(&user_id, conn_id).await;
-    let end = if transport.push(&hello).await.is_err() {
+    let mut client = Client::new(services.clone(), user_id, conn_id, authed.expires_at);
+    let greeted = transport.push(&hello).await;
+    drop(hello);
+    let end = if greeted.is_err() {
         End::Gone
     } else {
         let mut session = Session {
@@ -213,7 +200,7 @@ pub async fn serve<T, S>(
         };
         session.run().await
     };
-    services.node.disconnect(&user_id, conn_id).await;
+    services.node.disconnect(client.user_id(), conn_id).await;
     metrics::gauge!("switchboard_ws_connections").decrement(1.0);
     drop(reg);
     if let End::Close(code) = end {
@@ -231,8 +218,27 @@ pub async fn serve<T, S>(
             _ = services.shutdown.cancelled(), if !shutting_down => {}
         }
     }
-    services.calls.connection_down(&user_id, conn_id).await;
-    tracing::debug!(user_id = %user_id, conn_id = %conn_id, "closed");
+    services
+        .calls
+        .connection_down(client.user_id(), conn_id)
+        .await;
+    tracing::debug!(user_id = %client.user_id(), conn_id = %conn_id, "closed");
+}
+
+/// `connection:established`, the first frame of every connection.
+fn hello(services: &Services, user_id: &str, conn_id: ConnId, host: String) -> Arc<Push> {
+    let (ice_servers, ice_expires) = services.ice_servers(user_id, &host);
+    Push::new(
+        events::CONNECTION_ESTABLISHED,
+        &ConnectionEstablished {
+            user_id,
+            connection_id: conn_id.to_string(),
+            heartbeat_interval_ms: services.config.ws.heartbeat_interval.as_millis() as u64,
+            server_time: rfc3339_ms(now_ms()),
+            ice_servers: &ice_servers,
+            ice_expires_at: ice_expires.map(|e| rfc3339_ms(e * 1000)),
+        },
+    )
 }
 
 /// Closes with `code` and reads until the peer closed too, for at most `linger`.
