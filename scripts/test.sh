@@ -113,11 +113,13 @@ else
 fi
 
 if [ "$NODE_TESTS" = 1 ]; then
-    say "SDK unit tests and browser end-to-end tests (node --test)"
+    say "SDK unit tests, Socket.IO client tests and browser end-to-end tests (node --test)"
     (cd web/tests && npm ci --no-audit --no-fund --loglevel=error)
     cargo build --quiet   # the browser tests drive target/debug/switchboard
-    files=(web/tests/sdk.test.mjs)
-    if [ "$BROWSER_TESTS" = 1 ]; then files+=(web/tests/e2e.test.mjs web/tests/turn-transports.test.mjs); fi
+    files=(web/tests/sdk.test.mjs web/tests/socketio.test.mjs)
+    if [ "$BROWSER_TESTS" = 1 ]; then
+        files+=(web/tests/e2e.test.mjs web/tests/turn-transports.test.mjs web/tests/socketio-browser.test.mjs)
+    fi
     node --test --test-timeout=180000 "${files[@]}"
 fi
 

@@ -504,7 +504,19 @@ impl Prepared {
     pub async fn run(self, listener: impl Into<HttpListener>) -> anyhow::Result<()> {
         let state = self.app.services.clone();
         let shutdown = state.shutdown.clone();
-        let app = crate::http::router(state.clone());
+        let mut app = crate::http::router(state.clone());
+        if state.config.socketio.enabled {
+            let (layer, sio) = crate::socketio::layer(state.clone());
+            app = app.layer(layer);
+            // At shutdown: sessions write what they had queued, then the transports close
+            // (long-polling requests end, so the HTTP server can stop).
+            let stop = shutdown.clone();
+            tokio::spawn(async move {
+                stop.cancelled().await;
+                sio.shutdown().await;
+            });
+        }
+        let app = crate::http::with_cors(app, &state.config.http.cors_origins);
         let listener = listener.into();
         let metrics_server = self.metrics_listener.map(|l| {
             let router = crate::http::metrics_router(state.clone());

@@ -32,6 +32,7 @@ pub struct Config {
     pub ws: WsConfig,
     pub presence: PresenceConfig,
     pub chat: ChatConfig,
+    pub socketio: SocketIoConfig,
     pub cluster: ClusterConfig,
     pub log: LogConfig,
 }
@@ -48,6 +49,7 @@ impl Default for Config {
             ws: WsConfig::default(),
             presence: PresenceConfig::default(),
             chat: ChatConfig::default(),
+            socketio: SocketIoConfig::default(),
             cluster: ClusterConfig::default(),
             log: LogConfig::default(),
         }
@@ -68,6 +70,9 @@ pub struct HttpConfig {
     /// right-most forwarded address not in this list; it feeds throttling and logs.
     #[serde(with = "cidr_list")]
     pub trusted_proxies: Vec<IpNet>,
+    /// Origins (`https://app.example.org`) whose pages may call `/api` and `/socket.io` from a
+    /// browser, with credentials. Empty: none (same-origin only).
+    pub cors_origins: Vec<String>,
 }
 
 impl Default for HttpConfig {
@@ -82,6 +87,7 @@ impl Default for HttpConfig {
                 "127.0.0.0/8".parse().expect("literal CIDR"),
                 "::1/128".parse().expect("literal CIDR"),
             ],
+            cors_origins: Vec::new(),
         }
     }
 }
@@ -330,6 +336,25 @@ impl Default for ChatConfig {
     }
 }
 
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SocketIoConfig {
+    /// Serve Socket.IO v4 (Engine.IO websocket and polling) on `/socket.io/`.
+    pub enabled: bool,
+    /// Also emit the seeds' older events (`connected`, `new-message`, `message-delivered`,
+    /// `user-online`, `user-offline`) and accept their older names (`send-message`, ...).
+    pub legacy_events: bool,
+}
+
+impl Default for SocketIoConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            legacy_events: true,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ClusterConfig {
@@ -490,6 +515,11 @@ impl Config {
             }
             _ => {}
         }
+        for origin in &self.http.cors_origins {
+            if let Err(why) = check_origin(origin) {
+                return Err(bad("http.cors_origins", format!("`{origin}`: {why}")));
+            }
+        }
         if !self.cluster.redis_url.is_empty() {
             return Err(bad(
                 "cluster.redis_url",
@@ -607,6 +637,20 @@ impl Config {
         )?;
         Ok(())
     }
+}
+
+/// A browser origin as `Origin` headers carry it: `scheme://host[:port]`, nothing after.
+fn check_origin(origin: &str) -> Result<(), &'static str> {
+    let (scheme, rest) = origin
+        .split_once("://")
+        .ok_or("expected scheme://host[:port]")?;
+    if scheme != "http" && scheme != "https" {
+        return Err("the scheme must be http or https");
+    }
+    if rest.is_empty() || rest.contains('/') || rest.contains('*') {
+        return Err("expected scheme://host[:port], without a path or wildcard");
+    }
+    Ok(())
 }
 
 /// An inclusive range of ports, `min-max` in the file (`0 < min <= max`).
@@ -928,6 +972,27 @@ mod tests {
                 .unwrap_err()
                 .to_string();
             assert!(err.contains(key), "{line}: {err}");
+        }
+    }
+
+    #[test]
+    fn cors_origins_are_origins() {
+        let c = load_toml(
+            "[http]\ncors_origins = [\"https://app.example.org\", \"http://localhost:3000\"]\n",
+        )
+        .unwrap();
+        assert_eq!(c.http.cors_origins.len(), 2);
+        for bad in [
+            "*",
+            "https://app.example.org/",
+            "app.example.org",
+            "ftp://x",
+            "https://*.x.org",
+        ] {
+            let err = load_toml(&format!("[http]\ncors_origins = [\"{bad}\"]\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("http.cors_origins"), "{bad}: {err}");
         }
     }
 

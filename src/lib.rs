@@ -6,7 +6,7 @@
 //! - [`services`]: what every handler and connection shares.
 //! - [`wire`]: the contract's events, payloads, replies and close codes (pure).
 //! - [`client`]: one connection over any transport: request handling (chat, calls) and its loop.
-//! - [`ws`]: the WebSocket transport; [`http`]: REST.
+//! - [`ws`]: the WebSocket transport; [`socketio`]: the Socket.IO one; [`http`]: REST.
 //! - [`hub`]: the registry of connections, fan-out, presence (pure) and the broker.
 //! - [`calls`]: call signaling (a pure machine and its actor).
 //! - [`auth`]: JWTs (pure), passwords, login throttling, accounts.
@@ -28,6 +28,7 @@ pub mod http;
 pub mod hub;
 pub mod limits;
 pub mod services;
+pub mod socketio;
 pub mod store;
 pub mod telemetry;
 pub mod time;

@@ -19,6 +19,7 @@ use tokio::time::{sleep_until, Instant};
 use tokio_util::sync::CancellationToken;
 
 use super::{Client, Outcome};
+use crate::auth::Authed;
 use crate::error::{ApiError, ErrorCode};
 use crate::hub::{ConnId, Registration};
 use crate::services::Services;
@@ -152,18 +153,35 @@ pub async fn serve<T, S>(
     };
     let authed = match authed {
         Ok(a) => a,
-        Err(e) => {
-            let _ = transport.push(&error_push(&e, None)).await;
-            goodbye(
-                &mut transport,
-                &mut incoming,
-                close::UNAUTHORIZED,
-                CLOSE_LINGER,
-            )
-            .await;
-            return;
-        }
+        Err(e) => return refuse(&mut transport, &mut incoming, &e, close::UNAUTHORIZED).await,
     };
+    serve_authed(services, authed, host, transport, incoming, live).await;
+}
+
+/// Turns a connection away before its session starts: the `error` that says why, then the close.
+async fn refuse<T, S>(transport: &mut T, incoming: &mut S, err: &ApiError, code: CloseCode)
+where
+    T: Transport,
+    S: Stream<Item = Incoming<T::ReplyTo>> + Unpin + Send,
+{
+    let _ = transport.push(&error_push(err, None)).await;
+    goodbye(transport, incoming, code, CLOSE_LINGER).await;
+}
+
+/// [`serve`] for a connection whose token the transport already checked (Socket.IO checks it
+/// in its handshake, where a refusal is a `connect_error`).
+pub async fn serve_authed<T, S>(
+    services: Arc<Services>,
+    authed: Authed,
+    host: String,
+    mut transport: T,
+    mut incoming: S,
+    live: Liveness,
+) where
+    T: Transport,
+    S: Stream<Item = Incoming<T::ReplyTo>> + Unpin + Send,
+{
+    let _in_flight = services.tracker.token();
     let user_id = authed.user_id;
     let mut reg = match services.node.connect(&user_id).await {
         Ok(reg) => reg,
@@ -171,10 +189,8 @@ pub async fn serve<T, S>(
             metrics::counter!("switchboard_ws_refused_total", "reason" => "connections_per_user")
                 .increment(1);
             let err = ApiError::new(ErrorCode::RateLimited, too_many.to_string());
-            let _ = transport.push(&error_push(&err, None)).await;
             let code = close::TOO_SLOW.because("too many connections");
-            goodbye(&mut transport, &mut incoming, code, CLOSE_LINGER).await;
-            return;
+            return refuse(&mut transport, &mut incoming, &err, code).await;
         }
     };
     let conn_id = reg.conn_id;

@@ -96,6 +96,42 @@ pub fn bearer(headers: &HeaderMap) -> Option<String> {
         .filter(|t| !t.is_empty())
 }
 
+/// `?token=` of a query string (percent-decoded), for clients that cannot set headers (a
+/// browser's WebSocket). The query string is read here and nowhere logged.
+pub fn query_token(query: Option<&str>) -> Option<String> {
+    query?
+        .split('&')
+        .filter_map(|pair| pair.split_once('='))
+        .find(|(k, _)| *k == "token")
+        .map(|(_, v)| percent_decode(v))
+        .filter(|t| !t.is_empty())
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() => {
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok();
+                match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                    Some(b) => {
+                        out.push(b);
+                        i += 3;
+                        continue;
+                    }
+                    None => out.push(b'%'),
+                }
+            }
+            b'+' => out.push(b' '),
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 /// The caller of an authenticated route.
 pub struct AuthUser(pub Authed);
 
@@ -109,5 +145,22 @@ impl FromRequestParts<Arc<Services>> for AuthUser {
         let token =
             bearer(&parts.headers).ok_or_else(|| ApiError::unauthorized("missing bearer token"))?;
         state.accounts.authenticate(&token).await.map(AuthUser)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_from_query() {
+        assert_eq!(
+            query_token(Some("a=1&token=abc.def%2Dx")),
+            Some("abc.def-x".into())
+        );
+        assert_eq!(query_token(Some("a=1")), None);
+        assert_eq!(query_token(Some("token=")), None);
+        assert_eq!(query_token(None), None);
+        assert_eq!(percent_decode("%zz%4"), "%zz%4");
     }
 }

@@ -76,6 +76,29 @@ pub fn router(state: Arc<Services>) -> Router {
         .with_state(state)
 }
 
+/// `router` answering browsers of `origins` (`http.cors_origins`) with CORS headers that allow
+/// credentials; no headers for anyone else (same-origin only). Covers `/api` and Socket.IO's
+/// long-polling.
+pub fn with_cors(router: Router, origins: &[String]) -> Router {
+    use axum::http::{header, HeaderValue, Method};
+    use tower_http::cors::{AllowOrigin, CorsLayer};
+    let list: Vec<HeaderValue> = origins
+        .iter()
+        .filter_map(|o| HeaderValue::from_str(o).ok())
+        .collect();
+    if list.is_empty() {
+        return router;
+    }
+    router.layer(
+        CorsLayer::new()
+            .allow_origin(AllowOrigin::list(list))
+            .allow_credentials(true)
+            .allow_methods([Method::GET, Method::POST, Method::PUT, Method::DELETE])
+            .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE])
+            .max_age(std::time::Duration::from_secs(600)),
+    )
+}
+
 /// The router of the separate metrics listener (`http.metrics_listen`).
 pub fn metrics_router(state: Arc<Services>) -> Router {
     Router::new()

@@ -101,7 +101,7 @@ const FRAMINGS: usize = 1;
 pub struct Push {
     event: &'static str,
     /// The event's `data`, as JSON.
-    data: Box<str>,
+    data: Box<RawValue>,
     message: Option<MessageRef>,
     framed: [OnceLock<Bytes>; FRAMINGS],
 }
@@ -130,9 +130,8 @@ impl Push {
     ) -> Push {
         Push {
             event,
-            data: serde_json::to_string(data)
-                .expect("wire types serialise (string keys only)")
-                .into_boxed_str(),
+            data: serde_json::value::to_raw_value(data)
+                .expect("wire types serialise (string keys only)"),
             message,
             framed: Default::default(),
         }
@@ -144,6 +143,12 @@ impl Push {
 
     /// The `data`, as JSON text.
     pub fn data_json(&self) -> &str {
+        self.data.get()
+    }
+
+    /// The `data`, for a serialiser that writes it as it is (`serde_json` and the serialisers
+    /// built on it copy the text, they do not encode it again).
+    pub fn data(&self) -> &RawValue {
         &self.data
     }
 
@@ -155,7 +160,7 @@ impl Push {
     /// of that framing, every later one gets the same bytes.
     pub fn framed(&self, framing: Framing, build: impl FnOnce(&str, &str) -> Bytes) -> Bytes {
         self.framed[framing as usize]
-            .get_or_init(|| build(self.event, &self.data))
+            .get_or_init(|| build(self.event, self.data.get()))
             .clone()
     }
 }

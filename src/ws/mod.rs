@@ -41,54 +41,5 @@ pub async fn upgrade(
 
 /// The access token of a WebSocket request: `Authorization: Bearer` or `?token=`.
 fn token(headers: &HeaderMap, query: Option<&str>) -> Option<String> {
-    if let Some(t) = crate::http::extract::bearer(headers) {
-        return Some(t);
-    }
-    query?
-        .split('&')
-        .filter_map(|pair| pair.split_once('='))
-        .find(|(k, _)| *k == "token")
-        .map(|(_, v)| percent_decode(v))
-}
-
-fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'%' if i + 2 < bytes.len() => {
-                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok();
-                match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
-                    Some(b) => {
-                        out.push(b);
-                        i += 3;
-                        continue;
-                    }
-                    None => out.push(b'%'),
-                }
-            }
-            b'+' => out.push(b' '),
-            b => out.push(b),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn token_from_query() {
-        let h = HeaderMap::new();
-        assert_eq!(
-            token(&h, Some("a=1&token=abc.def%2Dx")),
-            Some("abc.def-x".into())
-        );
-        assert_eq!(token(&h, Some("a=1")), None);
-        assert_eq!(token(&h, None), None);
-        assert_eq!(percent_decode("%zz%4"), "%zz%4");
-    }
+    crate::http::extract::bearer(headers).or_else(|| crate::http::extract::query_token(query))
 }

@@ -58,7 +58,7 @@ pub fn classify(buf: &[u8]) -> Kind {
                 return Kind::Invalid;
             }
             let len = u16::from_be_bytes([buf[2], buf[3]]) as usize;
-            if len % 4 != 0 || STUN_HEADER + len > buf.len() {
+            if !len.is_multiple_of(4) || STUN_HEADER + len > buf.len() {
                 return Kind::Invalid;
             }
             Kind::Stun
@@ -86,7 +86,7 @@ pub fn stream_frame_len(buf: &[u8]) -> Result<Option<usize>, ()> {
     let len = u16::from_be_bytes([buf[2], buf[3]]) as usize;
     match buf[0] >> 6 {
         0b00 => {
-            if len % 4 != 0 {
+            if !len.is_multiple_of(4) {
                 return Err(());
             }
             if buf.len() >= 8

@@ -1,0 +1,483 @@
+//! The Socket.IO transport (PROTOCOL §7): Socket.IO v4 / Engine.IO v4 on `/socket.io/`, the
+//! default namespace, `websocket` and `polling` with the upgrade, through `socketioxide` as a
+//! tower layer in the same router. It is a transport and nothing more: each socket is one
+//! ordinary connection of `client::session` (the hub's registry, our broker, the same limits,
+//! acks after durable writes); socketioxide's rooms and adapters are not used.
+//!
+//! - The handshake's `auth.token` (with or without `Bearer `, or `?token=`) is checked before
+//!   the namespace connects; a refusal is a `connect_error` whose message is `unauthorized`.
+//! - Every event reaches the session in the order it arrived: the handler that receives them
+//!   runs on socketioxide's receive path (no task per event) and queues them.
+//! - Pushes are emits under their §2 names; replies are acks with §7's shapes ([`legacy`]);
+//!   with `socketio.legacy_events` the seeds' older event names go out too.
+//!
+//! Must not import `store`.
+
+pub mod legacy;
+
+use std::future::Future as _;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures_util::Stream;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use socketioxide::adapter::LocalAdapter;
+use socketioxide::extract::{AckSender, SocketRef, TryData};
+use socketioxide::handler::{
+    ConnectHandler, DisconnectHandler, FromMessageParts, MessageHandler, Value,
+};
+use socketioxide::socket::{DisconnectReason, Socket};
+use socketioxide::{SendError, SocketError, SocketIo};
+use tokio::sync::mpsc;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+use tokio_util::task::task_tracker::TaskTrackerToken;
+use tokio_util::task::TaskTracker;
+
+use crate::auth::Authed;
+use crate::client::session::{self, Gone, Incoming, Liveness, Transport};
+use crate::error::ApiError;
+use crate::services::Services;
+use crate::wire::close::{self, CloseCode};
+use crate::wire::{Failure, Push, Reply};
+
+/// Events a socket may have queued before the session takes them; beyond, each is refused with
+/// `rate_limited` at once (socketioxide reads ahead of us, so this is the back-pressure).
+const INBOX: usize = 256;
+/// How long a full Engine.IO buffer (a client that is not polling) is waited for, per try.
+const FULL_RETRY: Duration = Duration::from_millis(20);
+/// How long shutdown waits for sessions to write what they had queued before the transports
+/// are closed.
+const DRAIN: Duration = Duration::from_secs(2);
+
+/// The Socket.IO side of the server, for `app` to mount and to stop.
+#[derive(Clone)]
+pub struct SocketIoServer {
+    io: SocketIo,
+    /// One token per live session, given back once it has written its last push at shutdown.
+    sessions: TaskTracker,
+}
+
+/// The tower layer to put on the router, and the server to stop at shutdown.
+pub fn layer(services: Arc<Services>) -> (socketioxide::layer::SocketIoLayer, SocketIoServer) {
+    let ws = &services.config.ws;
+    let (layer, io) = SocketIo::builder()
+        .req_path("/socket.io")
+        .ping_interval(ws.heartbeat_interval)
+        // A client that has not answered a ping by the time a WebSocket one would be cut (4408)
+        // is gone; its session is reaped with it.
+        .ping_timeout(ws.idle_timeout.saturating_sub(ws.heartbeat_interval))
+        // One request or frame is at most what one WebSocket frame may be.
+        .max_payload(ws.max_frame_bytes as u64)
+        .ws_max_message_size(ws.max_frame_bytes)
+        .ws_max_frame_size(ws.max_frame_bytes)
+        .ws_read_buffer_size(2048)
+        .max_buffer_size(ws.send_queue)
+        .connect_timeout(Duration::from_secs(10))
+        .build_layer();
+    let sessions = TaskTracker::new();
+    let server = SocketIoServer {
+        io: io.clone(),
+        sessions: sessions.clone(),
+    };
+    let gate_services = services.clone();
+    let gate = move |s: SocketRef, TryData(auth): TryData<HandshakeAuth>| {
+        let services = gate_services.clone();
+        async move { admit(&services, &s, auth.ok()).await }
+    };
+    let on_connect = move |s: SocketRef| {
+        let (services, sessions) = (services.clone(), sessions.clone());
+        async move { start(services, sessions, s) }
+    };
+    io.ns("/", on_connect.with(gate));
+    (layer, server)
+}
+
+impl SocketIoServer {
+    /// At shutdown: give sessions a moment to write what they had queued (a `call:end`), then
+    /// close every transport. Clients see the transport close and reconnect by themselves, as
+    /// after a WebSocket 1012.
+    pub async fn shutdown(&self) {
+        self.sessions.close();
+        let _ = tokio::time::timeout(DRAIN, self.sessions.wait()).await;
+        self.io.close().await;
+    }
+}
+
+/// The handshake's `auth` object.
+#[derive(Debug, Default, Deserialize)]
+struct HandshakeAuth {
+    #[serde(default)]
+    token: Option<String>,
+}
+
+/// Why a handshake was refused: the `connect_error` message.
+#[derive(Debug)]
+struct Refused(&'static str);
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.0)
+    }
+}
+
+/// What the gate hands the connect handler (through the socket's extensions).
+#[derive(Clone)]
+struct Admitted(Arc<Mutex<Option<(Authed, Inbound)>>>);
+
+/// The token of a handshake: `auth.token` with or without `Bearer `, else `?token=`.
+fn handshake_token(auth: Option<HandshakeAuth>, query: Option<&str>) -> Option<String> {
+    let from_auth = auth.and_then(|a| a.token).map(|t| {
+        let t = t.trim();
+        match (t.get(..6), t.get(6..)) {
+            (Some(p), Some(rest))
+                if p.eq_ignore_ascii_case("bearer")
+                    && (rest.is_empty() || rest.starts_with(char::is_whitespace)) =>
+            {
+                rest.trim().to_owned()
+            }
+            _ => t.to_owned(),
+        }
+    });
+    from_auth
+        .filter(|t| !t.is_empty())
+        .or_else(|| crate::http::extract::query_token(query))
+}
+
+/// The connect middleware: authenticates, and installs the receiving side before the namespace
+/// connects (an event sent right after connecting must not find no handler).
+async fn admit(
+    services: &Services,
+    s: &SocketRef,
+    auth: Option<HandshakeAuth>,
+) -> Result<(), Refused> {
+    let token = handshake_token(auth, s.req_parts().uri.query()).ok_or(Refused("unauthorized"))?;
+    let authed = services
+        .accounts
+        .authenticate(&token)
+        .await
+        .map_err(|_| Refused("unauthorized"))?;
+    let (tx, rx) = mpsc::channel(INBOX);
+    let gone = CancellationToken::new();
+    s.on_fallback(Queue {
+        tx,
+        aliases: services.config.socketio.legacy_events,
+    });
+    s.on_disconnect(Hangup(gone.clone()));
+    s.extensions.insert(Admitted(Arc::new(Mutex::new(Some((
+        authed,
+        Inbound::new(rx, gone),
+    ))))));
+    Ok(())
+}
+
+/// The connect handler: the session runs from here.
+fn start(services: Arc<Services>, sessions: TaskTracker, s: SocketRef) {
+    let Some((authed, inbound)) = s
+        .extensions
+        .remove::<Admitted>()
+        .and_then(|a| a.0.lock().expect("admitted lock").take())
+    else {
+        let _ = s.disconnect();
+        return;
+    };
+    let host = s
+        .req_parts()
+        .headers
+        .get(axum::http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("localhost")
+        .to_owned();
+    let transport = SioTransport {
+        legacy: services.config.socketio.legacy_events,
+        socket: s,
+        draining: Some(sessions.token()),
+    };
+    // Engine.IO keeps the heartbeat (ping/pong, its own timeout) for this transport.
+    let live = Liveness {
+        heartbeat: None,
+        idle_timeout: None,
+    };
+    tokio::spawn(session::serve_authed(
+        services, authed, host, transport, inbound, live,
+    ));
+}
+
+/// Receives every event of a socket, in order, on socketioxide's receive path.
+#[derive(Clone)]
+struct Queue {
+    tx: mpsc::Sender<Incoming<AckSender>>,
+    /// Translate the seeds' older event names (`send-message`, ...).
+    aliases: bool,
+}
+
+/// Marker for [`Queue`]'s handler impl.
+struct Queued;
+
+impl MessageHandler<LocalAdapter, Queued> for Queue {
+    fn call(&self, s: Arc<Socket<LocalAdapter>>, mut v: Value, ack_id: Option<i64>) {
+        let ack = ack_id
+            .is_some()
+            .then(|| AckSender::from_message_parts(&s, &mut v, &ack_id))
+            .and_then(Result::ok);
+        let item = match v.as_str() {
+            Some(text) => decode(text, self.aliases, ack),
+            None => Incoming::Invalid {
+                error: ApiError::bad_request("binary events are not supported; send JSON"),
+                event: None,
+                reply_to: ack,
+            },
+        };
+        if let Err(mpsc::error::TrySendError::Full(item)) = self.tx.try_send(item) {
+            // More queued than the session takes: refuse this one now, in the shapes of §7.
+            let err = ApiError::new(
+                crate::error::ErrorCode::RateLimited,
+                "too many events; slow down",
+            );
+            match item {
+                Incoming::Request {
+                    reply_to: Some(ack),
+                    ..
+                }
+                | Incoming::Invalid {
+                    reply_to: Some(ack),
+                    ..
+                } => {
+                    let _ = ack.send(&legacy::ack_failure(&Failure::from(&err)));
+                }
+                _ => {
+                    let push = crate::wire::error_push(&err, None);
+                    let _ = s.emit(push.event(), push.data());
+                }
+            }
+        }
+    }
+}
+
+/// `["event", data, ...]` as a request (extra arguments are ignored; the ack is the callback).
+fn decode(text: &str, aliases: bool, reply_to: Option<AckSender>) -> Incoming<AckSender> {
+    let parts: Vec<&RawValue> = match serde_json::from_str(text) {
+        Ok(p) => p,
+        Err(e) => {
+            return Incoming::Invalid {
+                error: ApiError::bad_request(format!("invalid event: {e}")),
+                event: None,
+                reply_to,
+            }
+        }
+    };
+    let event: Option<String> = parts
+        .first()
+        .and_then(|e| serde_json::from_str(e.get()).ok());
+    let Some(event) = event else {
+        return Incoming::Invalid {
+            error: ApiError::bad_request("invalid event: no event name"),
+            event: None,
+            reply_to,
+        };
+    };
+    let event = if aliases {
+        legacy::incoming_name(&event).unwrap_or(&event).to_owned()
+    } else {
+        event
+    };
+    Incoming::Request {
+        event,
+        data: parts.get(1).map(|d| (*d).to_owned()),
+        reply_to,
+    }
+}
+
+/// Ends the session's stream when the socket disconnects.
+struct Hangup(CancellationToken);
+
+impl DisconnectHandler<LocalAdapter, Queued> for Hangup {
+    fn call_with_defer(
+        &self,
+        s: Arc<Socket<LocalAdapter>>,
+        _reason: DisconnectReason,
+        defer: fn(Arc<Socket<LocalAdapter>>),
+    ) {
+        self.0.cancel();
+        defer(s);
+    }
+}
+
+/// A socket's requests as the session's stream: what was queued first, then `Closed` once the
+/// socket is gone.
+struct Inbound {
+    rx: mpsc::Receiver<Incoming<AckSender>>,
+    gone: Pin<Box<WaitForCancellationFutureOwned>>,
+    ended: bool,
+}
+
+impl Inbound {
+    fn new(rx: mpsc::Receiver<Incoming<AckSender>>, gone: CancellationToken) -> Self {
+        Self {
+            rx,
+            gone: Box::pin(gone.cancelled_owned()),
+            ended: false,
+        }
+    }
+}
+
+impl Stream for Inbound {
+    type Item = Incoming<AckSender>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if self.ended {
+            return Poll::Ready(None);
+        }
+        match self.rx.poll_recv(cx) {
+            Poll::Ready(Some(item)) => return Poll::Ready(Some(item)),
+            Poll::Ready(None) => {
+                self.ended = true;
+                return Poll::Ready(Some(Incoming::Closed));
+            }
+            Poll::Pending => {}
+        }
+        match self.gone.as_mut().poll(cx) {
+            Poll::Ready(()) => {
+                self.ended = true;
+                Poll::Ready(Some(Incoming::Closed))
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+/// A socket as a session's transport.
+struct SioTransport {
+    socket: SocketRef,
+    legacy: bool,
+    /// Held until the session has written its last push at shutdown.
+    draining: Option<TaskTrackerToken>,
+}
+
+impl SioTransport {
+    /// Emits, waiting while the Engine.IO buffer is full (a polling client between polls); the
+    /// session's guard cuts the wait when the hub gives up on this connection.
+    async fn emit(&self, event: &str, data: &RawValue) -> Result<(), Gone> {
+        loop {
+            match self.socket.emit(event, data) {
+                Ok(()) => return Ok(()),
+                Err(SendError::Socket(SocketError::InternalChannelFull)) => {
+                    tokio::time::sleep(FULL_RETRY).await
+                }
+                Err(SendError::Socket(SocketError::Closed)) => return Err(Gone),
+                Err(SendError::Serialize(e)) => {
+                    tracing::warn!(error = %e, event, "could not encode a push");
+                    return Ok(());
+                }
+            }
+        }
+    }
+}
+
+impl Transport for SioTransport {
+    type ReplyTo = AckSender;
+
+    async fn push(&mut self, push: &Push) -> Result<(), Gone> {
+        self.emit(push.event(), push.data()).await?;
+        if self.legacy {
+            if let Some((event, data)) = legacy::outgoing(push) {
+                self.emit(event, &data).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn reply(&mut self, ack: AckSender, reply: Result<&Reply, &Failure>) -> Result<(), Gone> {
+        let body = match reply {
+            Ok(r) => legacy::ack_success(r),
+            Err(f) => legacy::ack_failure(f),
+        };
+        match ack.send(&body) {
+            Ok(()) => Ok(()),
+            Err(SendError::Socket(SocketError::Closed)) => Err(Gone),
+            Err(e) => {
+                tracing::debug!(error = %e, "could not send an ack");
+                Ok(())
+            }
+        }
+    }
+
+    async fn ping(&mut self) -> Result<(), Gone> {
+        Ok(())
+    }
+
+    async fn close(&mut self, code: CloseCode) {
+        if code.code == close::RESTARTING.code || code.code == close::GOING_AWAY.code {
+            // Shutdown closes the transports once every session has written its last push,
+            // so clients reconnect by themselves (a namespace disconnect would stop them).
+            self.draining = None;
+            return;
+        }
+        // Socket.IO has no close codes: the session already pushed the `error` that says why
+        // where §2 sends one; the namespace disconnect ends it.
+        let _ = self.socket.clone().disconnect();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn handshake_tokens_with_or_without_bearer() {
+        let auth = |t: &str| {
+            Some(HandshakeAuth {
+                token: Some(t.into()),
+            })
+        };
+        assert_eq!(
+            handshake_token(auth("Bearer abc"), None).as_deref(),
+            Some("abc")
+        );
+        assert_eq!(
+            handshake_token(auth("bearer  abc "), None).as_deref(),
+            Some("abc")
+        );
+        assert_eq!(handshake_token(auth("abc"), None).as_deref(), Some("abc"));
+        assert_eq!(
+            handshake_token(auth(""), Some("token=q")).as_deref(),
+            Some("q")
+        );
+        assert_eq!(handshake_token(None, Some("token=q")).as_deref(), Some("q"));
+        assert_eq!(handshake_token(None, None), None);
+        assert_eq!(handshake_token(auth("Bearer "), None), None);
+    }
+
+    fn request(text: &str, aliases: bool) -> (String, Option<String>) {
+        match decode(text, aliases, None) {
+            Incoming::Request { event, data, .. } => (event, data.map(|d| d.get().to_owned())),
+            _ => panic!("not a request: {text}"),
+        }
+    }
+
+    #[test]
+    fn events_decode_with_their_first_argument_and_old_names() {
+        assert_eq!(
+            request(r#"["message",{"chatId":"c"}]"#, true),
+            ("message".into(), Some(r#"{"chatId":"c"}"#.into()))
+        );
+        assert_eq!(request(r#"["ping"]"#, true), ("ping".into(), None));
+        assert_eq!(
+            request(r#"["send-message",{"a":1},"extra"]"#, true).0,
+            "message"
+        );
+        assert_eq!(request(r#"["join-chat",{}]"#, true).0, "chat:join");
+        assert_eq!(request(r#"["leave-chat",{}]"#, true).0, "chat:leave");
+        assert_eq!(request(r#"["send-message",{}]"#, false).0, "send-message");
+        assert!(matches!(
+            decode("[1]", true, None),
+            Incoming::Invalid { .. }
+        ));
+        assert!(matches!(
+            decode("nope", true, None),
+            Incoming::Invalid { .. }
+        ));
+    }
+}
