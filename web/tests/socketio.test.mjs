@@ -284,3 +284,28 @@ test('an abandoned polling session is reaped, and an oversize polling body is re
   await again.none('error', 300);
   again.close();
 });
+
+test('CORS: listed origins may call /api and poll with credentials, others get no CORS headers', async () => {
+  const base = await startServer({ SWITCHBOARD_HTTP__CORS_ORIGINS: '["https://app.example"]' });
+  const u = await register(base);
+  const preflight = (origin, path) =>
+    fetch(`${base}${path}`, {
+      method: 'OPTIONS',
+      headers: { origin, 'access-control-request-method': 'POST', 'access-control-request-headers': 'authorization,content-type' },
+    });
+  for (const path of ['/api/chats', '/socket.io/?EIO=4&transport=polling']) {
+    const ok = await preflight('https://app.example', path);
+    assert.equal(ok.headers.get('access-control-allow-origin'), 'https://app.example', path);
+    assert.equal(ok.headers.get('access-control-allow-credentials'), 'true', path);
+    const other = await preflight('https://evil.example', path);
+    assert.equal(other.headers.get('access-control-allow-origin'), null, path);
+  }
+  const r = await fetch(`${base}/api/chats`, { headers: { origin: 'https://app.example', authorization: `Bearer ${u.token}` } });
+  assert.equal(r.status, 200);
+  assert.equal(r.headers.get('access-control-allow-origin'), 'https://app.example');
+  const poll = await fetch(`${base}/socket.io/?EIO=4&transport=polling`, { headers: { origin: 'https://app.example' } });
+  assert.equal(poll.status, 200);
+  assert.equal(poll.headers.get('access-control-allow-origin'), 'https://app.example');
+  const foreign = await fetch(`${base}/socket.io/?EIO=4&transport=polling`, { headers: { origin: 'https://evil.example' } });
+  assert.equal(foreign.headers.get('access-control-allow-origin'), null);
+});
