@@ -507,7 +507,9 @@ impl Prepared {
         let mut app = crate::http::router(state.clone());
         if state.config.socketio.enabled {
             let (layer, sio) = crate::socketio::layer(state.clone());
-            app = app.layer(layer);
+            app = app
+                .layer(layer)
+                .layer(axum::middleware::map_request(crate::socketio::detach_head));
             // At shutdown: sessions write what they had queued, then the transports close
             // (long-polling requests end, so the HTTP server can stop).
             let stop = shutdown.clone();

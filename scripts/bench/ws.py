@@ -10,6 +10,10 @@ Workloads (medians over the rounds, ratio ours / Socket.IO):
   ack       send -> ack latency (one client, sequential)
   call      call setup latency, call:initiate -> call:offer at the callee
 
+Then Socket.IO clients against both servers (Switchboard's /socket.io/, PROTOCOL §7, with
+`socketio.legacy_events` off so both send one frame per delivery), over a WebSocket and over
+Engine.IO long-polling: idle, fanout and ack as above.
+
 --smoke: tiny sizes, one round, plots to a temp dir (scripts/test.sh runs it so the harness
          cannot rot).
 --write-docs: rewrite the WebSocket sections of docs/benchmarks.md, its plots and the README line.
@@ -97,9 +101,9 @@ def stop(proc):
             proc.kill()
 
 
-def idle(bin_path, url, proto, pid, conns, setup):
+def idle(bin_path, url, proto, pid, conns, setup, transport="websocket"):
     before = report.rss_kb(pid)
-    cmd = [str(bin_path), "idle", "--url", url, "--proto", proto, "--conns", str(conns), "--hold", "8"]
+    cmd = [str(bin_path), "idle", "--url", url, "--proto", proto, "--transport", transport, "--conns", str(conns), "--hold", "8"]
     if setup:
         cmd += ["--setup", setup]
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
@@ -155,6 +159,8 @@ def main():
         "SWITCHBOARD_WS__USER_MESSAGE_RATE": "0",  # so would the per-user one (the ack test is one sender)
         "SWITCHBOARD_AUTH__REGISTER_MAX_PER_IP": "0",  # every load user registers from 127.0.0.1
         "SWITCHBOARD_LOG__LEVEL": "warn",
+        # One frame per delivery, as the baseline sends (the seeds' names would double them).
+        "SWITCHBOARD_SOCKETIO__LEGACY_EVENTS": "false",
     })
     base = f"http://127.0.0.1:{hport}"
     starts = {
@@ -174,6 +180,7 @@ def main():
         return procs[name].pid
 
     results = {"switchboard": [], "socketio": []}
+    sio_results = {(n, t): [] for n in results for t in SIO_TRANSPORTS}
     profiles = None
     try:
         restart("switchboard")
@@ -229,6 +236,12 @@ def main():
                 row["call_p50_ms"], row["call_p99_ms"] = c["p50_ms"], c["p99_ms"]
                 results[name].append(row)
                 print(f"round {r + 1} {name}: " + ", ".join(f"{k}={v:.2f}" for k, v in row.items()), flush=True)
+            sio_targets = [("switchboard", f"ws://127.0.0.1:{hport}", "sbio"), ("socketio", f"ws://127.0.0.1:{sport}", "sio")]
+            for transport in SIO_TRANSPORTS:
+                for name, url, proto in sio_targets:
+                    row = socketio_round(load_bin, url, proto, transport, restart(name), setups if proto == "sbio" else None, sizes)
+                    sio_results[(name, transport)].append(row)
+                    print(f"round {r + 1} {name} socket.io/{transport}: " + ", ".join(f"{k}={v:.2f}" for k, v in row.items()), flush=True)
         if args.profile:
             profiles = take_profiles(load_bin, [(*t, restart(t[0])) for t in targets], setups, sizes, tmp)
     finally:
@@ -258,6 +271,14 @@ def main():
     if profiles:
         print()
         print(profiles)
+    sio_med = {k: report.medians(v) for k, v in sio_results.items()}
+    sio_tables = []
+    for transport in SIO_TRANSPORTS:
+        s, o = sio_med[("socketio", transport)], sio_med[("switchboard", transport)]
+        rows = [(label, s[k], o[k], better) for k, label, better in SIO_LABELS(sizes, transport)]
+        sio_tables.append((transport, report.table([f"Socket.IO 4 (Node, no DB), {transport}", f"Switchboard /socket.io/ (SQLite, fsync), {transport}"], rows)))
+    for transport, t in sio_tables:
+        print(f"\nSocket.IO clients over {transport}:\n{t}")
     if args.smoke:
         plot(med, sizes, Path(tempfile.gettempdir()), "sb-ws-smoke-", required=False)
         print("\n(smoke mode: tiny sizes, one round; figures are not meaningful)")
@@ -281,6 +302,56 @@ def main():
             f"latency ({o['ack_p50_ms']:.2f} ms p50), {report.ratio(o['call_p50_ms'], s['call_p50_ms'])}x the call-setup latency."
         )
         report.publish("ws", "WebSocket (ours vs Socket.IO)", body, profiles, headline)
+        body = (
+            f"Machine: {report.machine()}, server and load client on the same cores. "
+            f"Command: `scripts/bench/ws.sh --rounds {rounds} --write-docs{flags}`. Medians of {rounds} rounds. "
+            "The same `ws-load` client speaks Engine.IO v4 / Socket.IO v4 to both servers; Switchboard runs with "
+            "`socketio.legacy_events = false` (one frame per delivery, as the baseline sends).\n\n"
+            + "\n\n".join(f"Over {t}:\n\n{tab}" for t, tab in sio_tables)
+        )
+        ws_, poll = (sio_med[("switchboard", "websocket")], sio_med[("socketio", "websocket")]), (sio_med[("switchboard", "polling")], sio_med[("socketio", "polling")])
+        headline = (
+            "- Socket.IO clients (`socket.io-client` v4, PROTOCOL §7) vs the Node Socket.IO 4 server without a database: "
+            f"{report.ratio(ws_[0]['kb_per_idle_conn'], ws_[1]['kb_per_idle_conn'])}x the memory per idle WebSocket connection "
+            f"({ws_[0]['kb_per_idle_conn']:.1f} kB) and {report.ratio(poll[0]['kb_per_idle_conn'], poll[1]['kb_per_idle_conn'])}x per idle polling session, "
+            f"{report.ratio(ws_[0]['connects_per_s'], ws_[1]['connects_per_s'])}x / {report.ratio(poll[0]['connects_per_s'], poll[1]['connects_per_s'])}x the connect rate, "
+            f"{report.ratio(ws_[0]['fanout2_deliveries_per_s'], ws_[1]['fanout2_deliveries_per_s'])}x / {report.ratio(poll[0]['fanout2_deliveries_per_s'], poll[1]['fanout2_deliveries_per_s'])}x "
+            "the fan-out deliveries per second in chats of 2 (WebSocket / polling)."
+        )
+        report.publish("sio", "Socket.IO clients (ours vs Socket.IO)", body, None, headline)
+
+
+SIO_TRANSPORTS = ("websocket", "polling")
+
+
+def SIO_LABELS(sizes, transport):
+    return [
+        ("kb_per_idle_conn", f"server memory per idle {transport} client (kB), {sizes['idle']} clients", "lower"),
+        ("connects_per_s", "clients connected per second", "higher"),
+        ("fanout2_deliveries_per_s", f"deliveries/s, {sizes['clients']} clients in chats of 2", "higher"),
+        ("fanout2_p50_ms", "  end-to-end latency p50 (ms)", "lower"),
+        ("fanout2_p99_ms", "  end-to-end latency p99 (ms)", "lower"),
+        ("fanout50_deliveries_per_s", f"deliveries/s, {sizes['clients']} clients in chats of {sizes['group']}", "higher"),
+        ("fanout50_p50_ms", "  end-to-end latency p50 (ms)", "lower"),
+        ("ack_p50_ms", "send -> ack latency p50 (ms)", "lower"),
+        ("ack_p99_ms", "send -> ack latency p99 (ms)", "lower"),
+    ]
+
+
+def socketio_round(load_bin, url, proto, transport, pid, setups, sizes):
+    """Idle, fan-out and send -> ack with Socket.IO clients over `transport`."""
+    s2 = {"setup": setups[2]} if setups else {}
+    sg = {"setup": setups[sizes["group"]]} if setups else {}
+    row = {}
+    i = idle(load_bin, url, proto, pid, sizes["idle"], s2.get("setup"), transport)
+    row["kb_per_idle_conn"], row["connects_per_s"] = i["kb_per_conn"], i["connect_per_s"]
+    f2 = load(load_bin, "fanout", url, proto, transport=transport, clients=sizes["clients"], group=2, messages=sizes["msgs2"], **s2)
+    row["fanout2_deliveries_per_s"], row["fanout2_p50_ms"], row["fanout2_p99_ms"] = f2["deliveries_per_s"], f2["p50_ms"], f2["p99_ms"]
+    fg = load(load_bin, "fanout", url, proto, transport=transport, clients=sizes["clients"], group=sizes["group"], messages=sizes["msgs50"], **sg)
+    row["fanout50_deliveries_per_s"], row["fanout50_p50_ms"] = fg["deliveries_per_s"], fg["p50_ms"]
+    a = load(load_bin, "ack", url, proto, transport=transport, messages=sizes["ack"], **s2)
+    row["ack_p50_ms"], row["ack_p99_ms"] = a["p50_ms"], a["p99_ms"]
+    return row
 
 
 def plot(med, sizes, outdir, prefix, required):

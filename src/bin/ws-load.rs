@@ -1,11 +1,14 @@
-//! WebSocket load client for `scripts/bench/ws.sh`: the same workloads against Switchboard
-//! (`--proto sb`) and a Socket.IO 4 server (`--proto sio`, engine.io v4 over WebSocket).
+//! WebSocket load client for `scripts/bench/ws.sh`: the same workloads against Switchboard's
+//! `/ws` (`--proto sb`), the Node Socket.IO 4 baseline (`--proto sio`) and Switchboard's
+//! Socket.IO endpoint (`--proto sbio`, PROTOCOL §7; the token goes in the connect packet). The
+//! Socket.IO protocols run over a WebSocket (`--transport websocket`, the default) or Engine.IO
+//! long-polling (`--transport polling`: one long GET in flight per client, sends as POSTs).
 //! Prints one `RESULT key=value ...` line per workload; the script turns them into a table.
 //!
-//!   ws-load idle   --url URL --proto sb|sio --conns N [--setup FILE] --hold SECS
-//!   ws-load fanout --url URL --proto sb|sio --clients C --group G --messages M [--setup FILE]
-//!   ws-load ack    --url URL --proto sb|sio --messages M [--setup FILE]
-//!   ws-load call   --url URL --proto sb|sio --calls K [--setup FILE]
+//!   ws-load idle   --url URL --proto sb|sio|sbio --conns N [--setup FILE] --hold SECS
+//!   ws-load fanout --url URL --proto sb|sio|sbio --clients C --group G --messages M [--setup FILE]
+//!   ws-load ack    --url URL --proto sb|sio|sbio --messages M [--setup FILE]
+//!   ws-load call   --url URL --proto sb|sio|sbio --calls K [--setup FILE]
 //!
 //! `--setup` (Switchboard only) is JSON written by the script: `{"tokens": [...],
 //! "chats": [["chatId", [userIndex, ...]], ...], "direct": "chatId of users 0 and 1"}`.
@@ -15,11 +18,13 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::sync::OnceLock;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use tokio::net::TcpStream;
+use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
@@ -27,8 +32,138 @@ type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 #[derive(Clone, Copy, PartialEq)]
 enum Proto {
+    /// Switchboard's `/ws`.
     Sb,
+    /// The Node Socket.IO baseline (rooms joined with a `join` event).
     Sio,
+    /// Switchboard's Socket.IO endpoint (chats from the setup, token in the connect packet).
+    SbIo,
+}
+
+impl Proto {
+    /// Speaks Socket.IO (Engine.IO framing, acks).
+    fn socketio(self) -> bool {
+        self != Proto::Sb
+    }
+    /// Talks to Switchboard (chats and tokens from the setup, calls ended).
+    fn switchboard(self) -> bool {
+        self != Proto::Sio
+    }
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Transport {
+    WebSocket,
+    Polling,
+}
+
+/// One HTTP client (a pool of keep-alive connections) for every polling socket.
+fn http() -> &'static reqwest::Client {
+    static HTTP: OnceLock<reqwest::Client> = OnceLock::new();
+    HTTP.get_or_init(|| {
+        reqwest::Client::builder()
+            .timeout(Duration::from_secs(90))
+            .build()
+            .expect("an HTTP client")
+    })
+}
+
+/// An Engine.IO long-polling session: a task keeps one GET in flight and queues the packets it
+/// returns; sends are POSTs, one at a time (Engine.IO refuses overlapping POSTs).
+struct Polling {
+    url: String,
+    packets: mpsc::UnboundedReceiver<String>,
+    reader: tokio::task::JoinHandle<()>,
+}
+
+impl Polling {
+    async fn open(base: &str) -> anyhow::Result<Polling> {
+        let url = format!("{base}/socket.io/?EIO=4&transport=polling");
+        let open = http()
+            .get(&url)
+            .send()
+            .await?
+            .error_for_status()?
+            .text()
+            .await?;
+        let handshake: Value = serde_json::from_str(open.get(1..).unwrap_or_default())?;
+        let sid = handshake["sid"].as_str().unwrap_or_default();
+        anyhow::ensure!(!sid.is_empty(), "no sid in {open}");
+        let url = format!("{url}&sid={sid}");
+        let (tx, packets) = mpsc::unbounded_channel();
+        let get = url.clone();
+        let reader = tokio::spawn(async move {
+            loop {
+                let Ok(r) = http().get(&get).send().await else {
+                    break;
+                };
+                if !r.status().is_success() {
+                    break;
+                }
+                let Ok(body) = r.text().await else { break };
+                for p in body.split('\x1e') {
+                    if tx.send(p.to_owned()).is_err() || p.starts_with('1') {
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Polling {
+            url,
+            packets,
+            reader,
+        })
+    }
+
+    async fn send(&self, packet: String) -> anyhow::Result<()> {
+        http()
+            .post(&self.url)
+            .header("content-type", "text/plain;charset=UTF-8")
+            .body(packet)
+            .send()
+            .await?
+            .error_for_status()?;
+        Ok(())
+    }
+}
+
+impl Drop for Polling {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
+/// What carries a client's frames.
+enum Link {
+    Ws(Box<Ws>),
+    Poll(Polling),
+}
+
+impl Link {
+    async fn send(&mut self, text: String) -> anyhow::Result<()> {
+        match self {
+            Link::Ws(ws) => Ok(ws.send(Message::Text(text.into())).await?),
+            Link::Poll(p) => p.send(text).await,
+        }
+    }
+
+    async fn recv(&mut self) -> anyhow::Result<String> {
+        match self {
+            Link::Ws(ws) => loop {
+                match ws.next().await {
+                    Some(Ok(Message::Text(t))) => return Ok(t.to_string()),
+                    Some(Ok(_)) => continue,
+                    Some(Err(e)) => return Err(e.into()),
+                    None => anyhow::bail!("closed"),
+                }
+            },
+            Link::Poll(p) => p
+                .packets
+                .recv()
+                .await
+                .ok_or_else(|| anyhow::anyhow!("closed")),
+        }
+    }
 }
 
 struct Args(HashMap<String, String>);
@@ -53,54 +188,79 @@ fn micros() -> u64 {
 
 /// One client connection, speaking either protocol.
 struct Client {
-    ws: Ws,
+    link: Link,
     proto: Proto,
     next_id: u64,
 }
 
 impl Client {
-    async fn connect(url: &str, proto: Proto, token: Option<&str>) -> anyhow::Result<Client> {
-        let url = match (proto, token) {
-            (Proto::Sb, Some(t)) => format!("{url}?token={t}"),
-            (Proto::Sb, None) => url.to_owned(),
-            (Proto::Sio, _) => format!("{url}/socket.io/?EIO=4&transport=websocket"),
+    async fn connect(
+        url: &str,
+        proto: Proto,
+        transport: Transport,
+        token: Option<&str>,
+    ) -> anyhow::Result<Client> {
+        let link = match (proto, transport) {
+            (Proto::Sb, _) => {
+                let url = match token {
+                    Some(t) => format!("{url}?token={t}"),
+                    None => url.to_owned(),
+                };
+                Link::Ws(Box::new(tokio_tungstenite::connect_async(url).await?.0))
+            }
+            (_, Transport::WebSocket) => {
+                let url = format!("{url}/socket.io/?EIO=4&transport=websocket");
+                Link::Ws(Box::new(tokio_tungstenite::connect_async(url).await?.0))
+            }
+            (_, Transport::Polling) => {
+                Link::Poll(Polling::open(&url.replacen("ws", "http", 1)).await?)
+            }
         };
-        let (ws, _) = tokio_tungstenite::connect_async(url).await?;
         let mut c = Client {
-            ws,
+            link,
             proto,
             next_id: 1,
         };
-        match proto {
+        if !proto.socketio() {
             // connection:established
-            Proto::Sb => {
-                c.next_event().await?;
+            c.next_event().await?;
+            return Ok(c);
+        }
+        if matches!(c.link, Link::Ws(_)) {
+            c.raw().await?; // the Engine.IO open packet (polling got it from the handshake GET)
+        }
+        // The namespace connect, with the token where Switchboard reads it.
+        let connect = match (proto, token) {
+            (Proto::SbIo, Some(t)) => format!("40{}", json!({ "token": t })),
+            _ => "40".to_owned(),
+        };
+        c.link.send(connect).await?;
+        loop {
+            let p = c.raw().await?;
+            if p.starts_with("40") {
+                break;
             }
-            // engine.io open, then the namespace connect.
-            Proto::Sio => {
-                c.raw().await?;
-                c.ws.send(Message::Text("40".into())).await?;
-                while !c.raw().await?.starts_with("40") {}
-            }
+            anyhow::ensure!(!p.starts_with("44"), "refused: {p}");
         }
         Ok(c)
     }
 
-    /// Next text frame, answering engine.io pings on the way.
+    /// Next frame or packet, answering Engine.IO pings on the way.
     async fn raw(&mut self) -> anyhow::Result<String> {
         loop {
-            match self.ws.next().await {
-                Some(Ok(Message::Text(t))) => {
-                    if self.proto == Proto::Sio && t.as_str() == "2" {
-                        self.ws.send(Message::Text("3".into())).await?;
+            let t = self.link.recv().await?;
+            if self.proto.socketio() {
+                match t.as_str() {
+                    "2" => {
+                        self.link.send("3".into()).await?;
                         continue;
                     }
-                    return Ok(t.to_string());
+                    "6" | "" => continue,
+                    _ if t.starts_with('1') => anyhow::bail!("closed"),
+                    _ => {}
                 }
-                Some(Ok(_)) => continue,
-                Some(Err(e)) => return Err(e.into()),
-                None => anyhow::bail!("closed"),
             }
+            return Ok(t);
         }
     }
 
@@ -116,7 +276,7 @@ impl Client {
                 }
                 Ok((name, v["data"].clone()))
             }
-            Proto::Sio => {
+            Proto::Sio | Proto::SbIo => {
                 // 42["event",data]  or  43<id>[data]
                 let digits: String = text
                     .get(2..)
@@ -141,9 +301,9 @@ impl Client {
         self.next_id += 1;
         let text = match self.proto {
             Proto::Sb => json!({"event": event, "data": data, "id": id}).to_string(),
-            Proto::Sio => format!("42{id}{}", json!([event, data])),
+            Proto::Sio | Proto::SbIo => format!("42{id}{}", json!([event, data])),
         };
-        self.ws.send(Message::Text(text.into())).await?;
+        self.link.send(text).await?;
         Ok(id)
     }
 
@@ -195,7 +355,13 @@ fn load_setup(args: &Args) -> anyhow::Result<Setup> {
     })
 }
 
-async fn connect_many(url: &str, proto: Proto, setup: &Setup, n: usize) -> Vec<Client> {
+async fn connect_many(
+    url: &str,
+    proto: Proto,
+    transport: Transport,
+    setup: &Setup,
+    n: usize,
+) -> Vec<Client> {
     let sem = Arc::new(tokio::sync::Semaphore::new(256));
     let mut tasks = Vec::with_capacity(n);
     for i in 0..n {
@@ -204,7 +370,7 @@ async fn connect_many(url: &str, proto: Proto, setup: &Setup, n: usize) -> Vec<C
         tasks.push(tokio::spawn(async move {
             let _permit = sem.acquire().await.expect("semaphore");
             for attempt in 0..5 {
-                match Client::connect(&url, proto, token.as_deref()).await {
+                match Client::connect(&url, proto, transport, token.as_deref()).await {
                     Ok(c) => return Some(c),
                     Err(_) => tokio::time::sleep(Duration::from_millis(50 << attempt)).await,
                 }
@@ -226,13 +392,19 @@ fn room_of(rooms: &[String], i: usize, group: usize) -> String {
     rooms[(i / group).min(rooms.len() - 1)].clone()
 }
 
-async fn fanout(url: &str, proto: Proto, setup: &Setup, args: &Args) -> anyhow::Result<()> {
+async fn fanout(
+    url: &str,
+    proto: Proto,
+    transport: Transport,
+    setup: &Setup,
+    args: &Args,
+) -> anyhow::Result<()> {
     let clients_n = args.num("clients", 100) as usize;
     let group = args.num("group", 2) as usize;
     let messages = args.num("messages", 1000);
-    let mut clients = connect_many(url, proto, setup, clients_n).await;
+    let mut clients = connect_many(url, proto, transport, setup, clients_n).await;
     let rooms: Vec<String> = match proto {
-        Proto::Sb => setup.chats.clone(),
+        Proto::Sb | Proto::SbIo => setup.chats.clone(),
         Proto::Sio => (0..clients_n.div_ceil(group))
             .map(|r| format!("room-{r}"))
             .collect(),
@@ -330,17 +502,21 @@ async fn main() -> anyhow::Result<()> {
     }
     let args = Args(map);
     let url = args.get("url").expect("--url").to_owned();
-    let proto = if args.get("proto") == Some("sio") {
-        Proto::Sio
-    } else {
-        Proto::Sb
+    let proto = match args.get("proto") {
+        Some("sio") => Proto::Sio,
+        Some("sbio") => Proto::SbIo,
+        _ => Proto::Sb,
+    };
+    let transport = match args.get("transport") {
+        Some("polling") => Transport::Polling,
+        _ => Transport::WebSocket,
     };
     let setup = load_setup(&args)?;
     match cmd.as_str() {
         "idle" => {
             let n = args.num("conns", 1000) as usize;
             let started = Instant::now();
-            let clients = connect_many(&url, proto, &setup, n).await;
+            let clients = connect_many(&url, proto, transport, &setup, n).await;
             let secs = started.elapsed().as_secs_f64();
             println!(
                 "RESULT workload=idle connected={} seconds={secs:.2} connect_per_s={:.0}",
@@ -361,13 +537,13 @@ async fn main() -> anyhow::Result<()> {
                 let _ = t.await;
             }
         }
-        "fanout" => fanout(&url, proto, &setup, &args).await?,
+        "fanout" => fanout(&url, proto, transport, &setup, &args).await?,
         "ack" => {
             let messages = args.num("messages", 1000);
-            let mut c =
-                Client::connect(&url, proto, setup.tokens.first().map(String::as_str)).await?;
+            let token = setup.tokens.first().map(String::as_str);
+            let mut c = Client::connect(&url, proto, transport, token).await?;
             let room = match proto {
-                Proto::Sb => setup.direct.clone().expect("setup.direct"),
+                Proto::Sb | Proto::SbIo => setup.direct.clone().expect("setup.direct"),
                 Proto::Sio => join_room(&mut c, "ack-room").await?,
             };
             let mut l = Vec::with_capacity(messages as usize);
@@ -392,10 +568,10 @@ async fn main() -> anyhow::Result<()> {
         "call" => {
             let calls = args.num("calls", 100);
             let token = |i: usize| setup.tokens.get(i).map(String::as_str);
-            let mut caller = Client::connect(&url, proto, token(0)).await?;
-            let mut callee = Client::connect(&url, proto, token(1)).await?;
+            let mut caller = Client::connect(&url, proto, transport, token(0)).await?;
+            let mut callee = Client::connect(&url, proto, transport, token(1)).await?;
             let room = match proto {
-                Proto::Sb => setup.direct.clone().expect("setup.direct"),
+                Proto::Sb | Proto::SbIo => setup.direct.clone().expect("setup.direct"),
                 Proto::Sio => {
                     join_room(&mut callee, "call-room").await?;
                     join_room(&mut caller, "call-room").await?
@@ -413,7 +589,7 @@ async fn main() -> anyhow::Result<()> {
                     .await?;
                 while callee.next_event().await?.0 != "call:offer" {}
                 l.push(t.elapsed().as_secs_f64() * 1000.0);
-                if proto == Proto::Sb {
+                if proto.switchboard() {
                     let id = caller.request("call:end", json!({"chatId": room})).await?;
                     caller.wait_reply(id).await?;
                 }

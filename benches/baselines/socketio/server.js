@@ -1,13 +1,14 @@
 // Reference Socket.IO 4 server for the WebSocket benchmark: the seeds' stack (Node + Socket.IO,
 // rooms + broadcast) without a database, so the comparison flatters it if anything.
 // Events mirror Switchboard's: join a room, message -> broadcast to the room + ack, ping,
-// call:initiate -> call:offer to the other room member.
+// call:initiate -> call:offer to the other room member. Both transports (WebSocket and
+// long-polling), as the seeds' server served them.
 import { createServer } from 'node:http';
 import { Server } from 'socket.io';
 
 const port = Number(process.env.PORT || 0);
 const http = createServer();
-const io = new Server(http, { transports: ['websocket'], perMessageDeflate: false, maxHttpBufferSize: 65536 });
+const io = new Server(http, { transports: ['polling', 'websocket'], perMessageDeflate: false, maxHttpBufferSize: 65536 });
 let seq = 0;
 
 io.on('connection', (socket) => {
