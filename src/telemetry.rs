@@ -6,7 +6,10 @@ use tracing_subscriber::EnvFilter;
 use crate::config::{LogConfig, LogFormat};
 
 /// Directives appended to the configured level so dependency chatter stays out of the log.
-const QUIET: &str = "sqlx=warn,hyper=warn,tungstenite=warn,tokio_tungstenite=warn";
+// socketioxide and engineioxide log handshake auth (the JWT), every event and every packet
+// at debug: never below warn, so a debug log holds no token or message.
+const QUIET: &str = "sqlx=warn,hyper=warn,tungstenite=warn,tokio_tungstenite=warn,\
+socketioxide=warn,engineioxide=warn";
 
 pub fn filter(level: &str) -> EnvFilter {
     let mut directives = level.to_owned();

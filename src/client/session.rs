@@ -452,6 +452,9 @@ async fn guarded(
     shutdown: &CancellationToken,
 ) -> Result<(), Gone> {
     tokio::select! {
+        // A write that is ready wins over a cut that is ready too: the reply to a durable
+        // write is not dropped at shutdown by a coin toss.
+        biased;
         r = write => r,
         _ = kill.cancelled() => Err(Gone),
         _ = shutdown.cancelled() => Err(Gone),

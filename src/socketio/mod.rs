@@ -31,6 +31,7 @@ use socketioxide::handler::{
 };
 use socketioxide::socket::{DisconnectReason, Socket};
 use socketioxide::{SendError, SocketError, SocketIo};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use tokio::sync::mpsc;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tokio_util::task::task_tracker::TaskTrackerToken;
@@ -48,9 +49,31 @@ use crate::wire::{Failure, Push, Reply};
 const INBOX: usize = 256;
 /// A queued event, boxed: a tokio channel allocates its first block of 32 slots up front, and
 /// with the event inline that block was 3 kB of every idle socket (heaptrack); boxed, 0.3 kB.
-type Boxed = Box<Incoming<AckSender>>;
-/// How long a full Engine.IO buffer (a client that is not polling) is waited for, per try.
+/// With its size in bytes, for the inbox's byte budget.
+type Boxed = Box<(Incoming<Ack>, usize)>;
+
+/// Where a request's ack goes: the socket and the client's ack id. socketioxide's `AckSender`
+/// is spent by one try; a full Engine.IO buffer needs another, so one is made per try.
+pub struct Ack {
+    socket: Arc<Socket<LocalAdapter>>,
+    id: i64,
+}
+
+impl Ack {
+    fn try_send(&self, body: &RawValue) -> Result<(), SendError> {
+        let mut nothing = Value::Bytes(Default::default());
+        let Ok(sender) = AckSender::from_message_parts(&self.socket, &mut nothing, &Some(self.id));
+        sender.send(body)
+    }
+}
+/// How long a full Engine.IO buffer (a client that is not polling) is waited for: the first
+/// try, doubled per try up to [`FULL_RETRY_MAX`] (the session's guard or Engine.IO's heartbeat
+/// ends the wait).
 const FULL_RETRY: Duration = Duration::from_millis(20);
+const FULL_RETRY_MAX: Duration = Duration::from_secs(1);
+/// Bytes of events a socket may have queued before the session takes them (socketioxide reads
+/// ahead without back-pressure: 256 events of `ws.max_frame_bytes` would be 16 MiB).
+const INBOX_BYTES: usize = 1 << 20;
 /// How long shutdown waits for sessions to write what they had queued before the transports
 /// are closed.
 const DRAIN: Duration = Duration::from_secs(2);
@@ -187,14 +210,16 @@ async fn admit(
         .map_err(|_| Refused("unauthorized"))?;
     let (tx, rx) = mpsc::channel(INBOX);
     let gone = CancellationToken::new();
+    let queued = Arc::new(AtomicUsize::new(0));
     s.on_fallback(Queue {
         tx,
+        queued: queued.clone(),
         aliases: services.config.socketio.legacy_events,
     });
     s.on_disconnect(Hangup(gone.clone()));
     s.extensions.insert(Admitted(Arc::new(Mutex::new(Some((
         authed,
-        Inbound::new(rx, gone),
+        Inbound::new(rx, queued, gone),
     ))))));
     Ok(())
 }
@@ -235,6 +260,8 @@ fn start(services: Arc<Services>, sessions: TaskTracker, s: SocketRef) {
 #[derive(Clone)]
 struct Queue {
     tx: mpsc::Sender<Boxed>,
+    /// Bytes queued and not yet taken by the session (shared with [`Inbound`]).
+    queued: Arc<AtomicUsize>,
     /// Translate the seeds' older event names (`send-message`, ...).
     aliases: bool,
 }
@@ -243,26 +270,49 @@ struct Queue {
 struct Queued;
 
 impl MessageHandler<LocalAdapter, Queued> for Queue {
-    fn call(&self, s: Arc<Socket<LocalAdapter>>, mut v: Value, ack_id: Option<i64>) {
-        let ack = ack_id
-            .is_some()
-            .then(|| AckSender::from_message_parts(&s, &mut v, &ack_id))
-            .and_then(Result::ok);
-        let item = match v.as_str() {
-            Some(text) => decode(text, self.aliases, ack),
-            None => Incoming::Invalid {
-                error: ApiError::bad_request("binary events are not supported; send JSON"),
-                event: None,
-                reply_to: ack,
-            },
+    fn call(&self, s: Arc<Socket<LocalAdapter>>, v: Value, ack_id: Option<i64>) {
+        let ack = ack_id.map(|id| Ack {
+            socket: s.clone(),
+            id,
+        });
+        let (item, size) = match &v {
+            Value::Str(text, None) => (decode(text, self.aliases, ack), text.len()),
+            // Attachments would be dropped and a placeholder read as the data: refused.
+            _ => (
+                Incoming::Invalid {
+                    error: ApiError::bad_request("binary events are not supported; send JSON"),
+                    event: None,
+                    reply_to: ack,
+                },
+                0,
+            ),
         };
-        if let Err(mpsc::error::TrySendError::Full(item)) = self.tx.try_send(Box::new(item)) {
+        let over_budget = self.queued.load(Ordering::Acquire) + size > INBOX_BYTES;
+        let refused = if over_budget {
+            Some(item)
+        } else {
+            self.queued.fetch_add(size, Ordering::AcqRel);
+            match self.tx.try_send(Box::new((item, size))) {
+                Ok(()) => None,
+                Err(mpsc::error::TrySendError::Full(item)) => {
+                    self.queued.fetch_sub(size, Ordering::AcqRel);
+                    Some(item.0)
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => {
+                    // The session is over while the socket still connects: nothing would ever
+                    // answer, so the client must see the disconnect and reconnect.
+                    let _ = s.clone().disconnect();
+                    None
+                }
+            }
+        };
+        if let Some(item) = refused {
             // More queued than the session takes: refuse this one now, in the shapes of §7.
             let err = ApiError::new(
                 crate::error::ErrorCode::RateLimited,
                 "too many events; slow down",
             );
-            match *item {
+            match item {
                 Incoming::Request {
                     reply_to: Some(ack),
                     ..
@@ -271,7 +321,7 @@ impl MessageHandler<LocalAdapter, Queued> for Queue {
                     reply_to: Some(ack),
                     ..
                 } => {
-                    let _ = ack.send(&legacy::ack_failure(&Failure::from(&err)));
+                    let _ = ack.try_send(&legacy::ack_failure(&Failure::from(&err)));
                 }
                 _ => {
                     let push = crate::wire::error_push(&err, None);
@@ -283,7 +333,7 @@ impl MessageHandler<LocalAdapter, Queued> for Queue {
 }
 
 /// `["event", data, ...]` as a request (extra arguments are ignored; the ack is the callback).
-fn decode(text: &str, aliases: bool, reply_to: Option<AckSender>) -> Incoming<AckSender> {
+fn decode(text: &str, aliases: bool, reply_to: Option<Ack>) -> Incoming<Ack> {
     let parts: Vec<&RawValue> = match serde_json::from_str(text) {
         Ok(p) => p,
         Err(e) => {
@@ -335,14 +385,16 @@ impl DisconnectHandler<LocalAdapter, Queued> for Hangup {
 /// socket is gone.
 struct Inbound {
     rx: mpsc::Receiver<Boxed>,
+    queued: Arc<AtomicUsize>,
     gone: Pin<Box<WaitForCancellationFutureOwned>>,
     ended: bool,
 }
 
 impl Inbound {
-    fn new(rx: mpsc::Receiver<Boxed>, gone: CancellationToken) -> Self {
+    fn new(rx: mpsc::Receiver<Boxed>, queued: Arc<AtomicUsize>, gone: CancellationToken) -> Self {
         Self {
             rx,
+            queued,
             gone: Box::pin(gone.cancelled_owned()),
             ended: false,
         }
@@ -350,14 +402,18 @@ impl Inbound {
 }
 
 impl Stream for Inbound {
-    type Item = Incoming<AckSender>;
+    type Item = Incoming<Ack>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         if self.ended {
             return Poll::Ready(None);
         }
         match self.rx.poll_recv(cx) {
-            Poll::Ready(Some(item)) => return Poll::Ready(Some(*item)),
+            Poll::Ready(Some(item)) => {
+                let (item, size) = *item;
+                self.queued.fetch_sub(size, Ordering::AcqRel);
+                return Poll::Ready(Some(item));
+            }
             Poll::Ready(None) => {
                 self.ended = true;
                 return Poll::Ready(Some(Incoming::Closed));
@@ -386,11 +442,13 @@ impl SioTransport {
     /// Emits, waiting while the Engine.IO buffer is full (a polling client between polls); the
     /// session's guard cuts the wait when the hub gives up on this connection.
     async fn emit(&self, event: &str, data: &RawValue) -> Result<(), Gone> {
+        let mut wait = FULL_RETRY;
         loop {
             match self.socket.emit(event, data) {
                 Ok(()) => return Ok(()),
                 Err(SendError::Socket(SocketError::InternalChannelFull)) => {
-                    tokio::time::sleep(FULL_RETRY).await
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(FULL_RETRY_MAX);
                 }
                 Err(SendError::Socket(SocketError::Closed)) => return Err(Gone),
                 Err(SendError::Serialize(e)) => {
@@ -403,7 +461,7 @@ impl SioTransport {
 }
 
 impl Transport for SioTransport {
-    type ReplyTo = AckSender;
+    type ReplyTo = Ack;
 
     async fn push(&mut self, push: &Push) -> Result<(), Gone> {
         self.emit(push.event(), push.data()).await?;
@@ -415,17 +473,26 @@ impl Transport for SioTransport {
         Ok(())
     }
 
-    async fn reply(&mut self, ack: AckSender, reply: Result<&Reply, &Failure>) -> Result<(), Gone> {
+    async fn reply(&mut self, ack: Ack, reply: Result<&Reply, &Failure>) -> Result<(), Gone> {
         let body = match reply {
             Ok(r) => legacy::ack_success(r),
             Err(f) => legacy::ack_failure(f),
         };
-        match ack.send(&body) {
-            Ok(()) => Ok(()),
-            Err(SendError::Socket(SocketError::Closed)) => Err(Gone),
-            Err(e) => {
-                tracing::debug!(error = %e, "could not send an ack");
-                Ok(())
+        // An ack is waited for like a push (a polling client between polls): dropping it would
+        // leave the client's callback waiting for a write that happened.
+        let mut wait = FULL_RETRY;
+        loop {
+            match ack.try_send(&body) {
+                Ok(()) => return Ok(()),
+                Err(SendError::Socket(SocketError::InternalChannelFull)) => {
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(FULL_RETRY_MAX);
+                }
+                Err(SendError::Socket(SocketError::Closed)) => return Err(Gone),
+                Err(SendError::Serialize(e)) => {
+                    tracing::warn!(error = %e, "could not encode an ack");
+                    return Ok(());
+                }
             }
         }
     }
@@ -442,8 +509,17 @@ impl Transport for SioTransport {
             return;
         }
         // Socket.IO has no close codes: the session already pushed the `error` that says why
-        // where §2 sends one; the namespace disconnect ends it.
-        let _ = self.socket.clone().disconnect();
+        // where §2 sends one; the namespace disconnect ends it. The disconnect packet needs room
+        // in the Engine.IO buffer (a slow reader filled it): it is retried until it goes or
+        // the socket is gone, so no socket stays connected with no session behind it.
+        let socket = self.socket.clone();
+        tokio::spawn(async move {
+            let mut wait = FULL_RETRY;
+            while let Err(SocketError::InternalChannelFull) = socket.clone().disconnect() {
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(FULL_RETRY_MAX);
+            }
+        });
     }
 }
 
