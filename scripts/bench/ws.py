@@ -17,6 +17,9 @@ Engine.IO long-polling: idle, fanout and ack as above.
 --smoke: tiny sizes, one round, plots to a temp dir (scripts/test.sh runs it so the harness
          cannot rot).
 --write-docs: rewrite the WebSocket sections of docs/benchmarks.md, its plots and the README line.
+--skip-socketio: only the /ws table (for a quick before/after of the core).
+SB_BENCH_BIN=path: run that server binary instead of the one this tree builds (the
+         "before" of a before/after comparison).
 --profile: after the rounds, the fan-out (chats of 2), ack and call workloads once more under
            perf and strace, and the fsync latency of the data directory's disk; with
            --write-docs, the profile section of docs/benchmarks.md.
@@ -130,6 +133,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--write-docs", action="store_true")
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--skip-socketio", action="store_true")
     args = ap.parse_args()
     profile = "debug" if args.smoke else "release"
     if not shutil.which("node"):
@@ -137,7 +141,7 @@ def main():
     subprocess.run(["cargo", "build", "--quiet", *([] if args.smoke else ["--release"]), "--bin", "switchboard", "--bin", "ws-load"], cwd=ROOT, check=True)
     if not (SIO_DIR / "node_modules" / "socket.io").exists():
         subprocess.run(["npm", "ci", "--no-audit", "--no-fund", "--loglevel=error"], cwd=SIO_DIR, check=True)
-    sb_bin = ROOT / "target" / profile / "switchboard"
+    sb_bin = Path(os.environ.get("SB_BENCH_BIN") or ROOT / "target" / profile / "switchboard")
     load_bin = ROOT / "target" / profile / "ws-load"
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -237,7 +241,7 @@ def main():
                 results[name].append(row)
                 print(f"round {r + 1} {name}: " + ", ".join(f"{k}={v:.2f}" for k, v in row.items()), flush=True)
             sio_targets = [("switchboard", f"ws://127.0.0.1:{hport}", "sbio"), ("socketio", f"ws://127.0.0.1:{sport}", "sio")]
-            for transport in SIO_TRANSPORTS:
+            for transport in () if args.skip_socketio else SIO_TRANSPORTS:
                 for name, url, proto in sio_targets:
                     row = socketio_round(load_bin, url, proto, transport, restart(name), setups if proto == "sbio" else None, sizes)
                     sio_results[(name, transport)].append(row)
@@ -271,9 +275,9 @@ def main():
     if profiles:
         print()
         print(profiles)
-    sio_med = {k: report.medians(v) for k, v in sio_results.items()}
+    sio_med = {k: report.medians(v) for k, v in sio_results.items() if v}
     sio_tables = []
-    for transport in SIO_TRANSPORTS:
+    for transport in () if args.skip_socketio else SIO_TRANSPORTS:
         s, o = sio_med[("socketio", transport)], sio_med[("switchboard", transport)]
         rows = [(label, s[k], o[k], better) for k, label, better in SIO_LABELS(sizes, transport)]
         sio_tables.append((transport, report.table([f"Socket.IO 4 (Node, no DB), {transport}", f"Switchboard /socket.io/ (SQLite, fsync), {transport}"], rows)))
@@ -302,23 +306,24 @@ def main():
             f"latency ({o['ack_p50_ms']:.2f} ms p50), {report.ratio(o['call_p50_ms'], s['call_p50_ms'])}x the call-setup latency."
         )
         report.publish("ws", "WebSocket (ours vs Socket.IO)", body, profiles, headline)
-        body = (
-            f"Machine: {report.machine()}, server and load client on the same cores. "
-            f"Command: `scripts/bench/ws.sh --rounds {rounds} --write-docs{flags}`. Medians of {rounds} rounds. "
-            "The same `ws-load` client speaks Engine.IO v4 / Socket.IO v4 to both servers; Switchboard runs with "
-            "`socketio.legacy_events = false` (one frame per delivery, as the baseline sends).\n\n"
-            + "\n\n".join(f"Over {t}:\n\n{tab}" for t, tab in sio_tables)
-        )
-        ws_, poll = (sio_med[("switchboard", "websocket")], sio_med[("socketio", "websocket")]), (sio_med[("switchboard", "polling")], sio_med[("socketio", "polling")])
-        headline = (
-            "- Socket.IO clients (`socket.io-client` v4, PROTOCOL §7) vs the Node Socket.IO 4 server without a database: "
-            f"{report.ratio(ws_[0]['kb_per_idle_conn'], ws_[1]['kb_per_idle_conn'])}x the memory per idle WebSocket connection "
-            f"({ws_[0]['kb_per_idle_conn']:.1f} kB) and {report.ratio(poll[0]['kb_per_idle_conn'], poll[1]['kb_per_idle_conn'])}x per idle polling session, "
-            f"{report.ratio(ws_[0]['connects_per_s'], ws_[1]['connects_per_s'])}x / {report.ratio(poll[0]['connects_per_s'], poll[1]['connects_per_s'])}x the connect rate, "
-            f"{report.ratio(ws_[0]['fanout2_deliveries_per_s'], ws_[1]['fanout2_deliveries_per_s'])}x / {report.ratio(poll[0]['fanout2_deliveries_per_s'], poll[1]['fanout2_deliveries_per_s'])}x "
-            "the fan-out deliveries per second in chats of 2 (WebSocket / polling)."
-        )
-        report.publish("sio", "Socket.IO clients (ours vs Socket.IO)", body, None, headline)
+        if not args.skip_socketio:
+            body = (
+                f"Machine: {report.machine()}, server and load client on the same cores. "
+                f"Command: `scripts/bench/ws.sh --rounds {rounds} --write-docs{flags}`. Medians of {rounds} rounds. "
+                "The same `ws-load` client speaks Engine.IO v4 / Socket.IO v4 to both servers; Switchboard runs with "
+                "`socketio.legacy_events = false` (one frame per delivery, as the baseline sends).\n\n"
+                + "\n\n".join(f"Over {t}:\n\n{tab}" for t, tab in sio_tables)
+            )
+            ws_, poll = (sio_med[("switchboard", "websocket")], sio_med[("socketio", "websocket")]), (sio_med[("switchboard", "polling")], sio_med[("socketio", "polling")])
+            headline = (
+                "- Socket.IO clients (`socket.io-client` v4, PROTOCOL §7) vs the Node Socket.IO 4 server without a database: "
+                f"{report.ratio(ws_[0]['kb_per_idle_conn'], ws_[1]['kb_per_idle_conn'])}x the memory per idle WebSocket connection "
+                f"({ws_[0]['kb_per_idle_conn']:.1f} kB) and {report.ratio(poll[0]['kb_per_idle_conn'], poll[1]['kb_per_idle_conn'])}x per idle polling session, "
+                f"{report.ratio(ws_[0]['connects_per_s'], ws_[1]['connects_per_s'])}x / {report.ratio(poll[0]['connects_per_s'], poll[1]['connects_per_s'])}x the connect rate, "
+                f"{report.ratio(ws_[0]['fanout2_deliveries_per_s'], ws_[1]['fanout2_deliveries_per_s'])}x / {report.ratio(poll[0]['fanout2_deliveries_per_s'], poll[1]['fanout2_deliveries_per_s'])}x "
+                "the fan-out deliveries per second in chats of 2 (WebSocket / polling)."
+            )
+            report.publish("sio", "Socket.IO clients (ours vs Socket.IO)", body, None, headline)
 
 
 SIO_TRANSPORTS = ("websocket", "polling")

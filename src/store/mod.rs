@@ -11,6 +11,7 @@
 
 pub mod models;
 pub mod sqlite;
+mod sqlite_commit;
 pub mod timed;
 
 use async_trait::async_trait;
@@ -25,6 +26,11 @@ pub enum StoreError {
     Conflict(&'static str),
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
+    #[error("database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// One failure shared by every job of a group commit (a failed `COMMIT`).
+    #[error("database error: {0}")]
+    Shared(std::sync::Arc<rusqlite::Error>),
     #[error("migration error: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("file error: {0}")]

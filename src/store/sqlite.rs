@@ -2,11 +2,13 @@
 //! not only a process crash), one writer connection (SQLite serialises writers anyway; one
 //! connection avoids busy-retry storms) and a small pool of readers.
 //!
-//! Group commit: messages and cursor moves, the writes of the hot path, go through one task
-//! that takes every job queued while the previous transaction committed and writes them in one
-//! transaction, so one fsync serves many messages and nothing waits for a timer. Each job's
-//! caller hears back only after that commit. If any job of a group fails, the group is rolled
-//! back and each job runs again in a transaction of its own, so one bad job fails alone.
+//! Group commit: messages and cursor moves, the writes of the hot path, go to one thread
+//! ([`super::sqlite_commit`]) that takes every job queued while the previous transaction
+//! committed and writes them in one transaction, so one fsync serves many messages and nothing
+//! waits for a timer. Each job's caller hears back only after that commit; a job that fails
+//! rolls back its own savepoint and fails alone. The other writes (users, chats, tokens, pins,
+//! calls) use the sqlx writer connection; every write transaction takes the write lock when it
+//! begins (`BEGIN IMMEDIATE`), so two writers wait for each other instead of failing.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -21,14 +23,14 @@ use sqlx::sqlite::{
 use sqlx::{Row, Sqlite, Transaction};
 use tokio::sync::{mpsc, oneshot};
 
+use super::sqlite_commit::Job;
+
 use super::*;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 
 /// Jobs waiting for a group commit before callers wait to queue theirs.
 const COMMIT_QUEUE: usize = 4096;
-/// Jobs in one transaction at most: bounds what one commit adds to its first job's latency.
-const MAX_GROUP: usize = 256;
 
 pub struct SqliteStore {
     writer: SqlitePool,
@@ -36,101 +38,8 @@ pub struct SqliteStore {
     jobs: mpsc::Sender<Job>,
 }
 
-/// A write that waits for the next group commit, and where its result goes.
-enum Job {
-    Insert(
-        Vec<NewMessage>,
-        oneshot::Sender<StoreResult<Vec<(MessageRecord, bool)>>>,
-    ),
-    Cursors(
-        Vec<CursorUpdate>,
-        oneshot::Sender<StoreResult<Vec<StatusChange>>>,
-    ),
-}
-
-/// What a job wrote.
-enum Done {
-    Inserted(Vec<(MessageRecord, bool)>),
-    Moved(Vec<StatusChange>),
-}
-
-impl Job {
-    async fn run(&self, tx: &mut Transaction<'_, Sqlite>) -> StoreResult<Done> {
-        match self {
-            Job::Insert(msgs, _) => {
-                let mut out = Vec::with_capacity(msgs.len());
-                for msg in msgs {
-                    out.push(SqliteStore::insert_one(tx, msg).await?);
-                }
-                Ok(Done::Inserted(out))
-            }
-            Job::Cursors(updates, _) => {
-                Ok(Done::Moved(SqliteStore::advance_in(tx, updates).await?))
-            }
-        }
-    }
-
-    fn reply(self, result: StoreResult<Done>) {
-        // A caller that went away (its connection closed) no longer needs the answer; what
-        // it asked for is committed all the same.
-        match self {
-            Job::Insert(_, reply) => {
-                let _ = reply.send(result.map(|d| match d {
-                    Done::Inserted(v) => v,
-                    Done::Moved(_) => unreachable!("an insert job inserts"),
-                }));
-            }
-            Job::Cursors(_, reply) => {
-                let _ = reply.send(result.map(|d| match d {
-                    Done::Moved(v) => v,
-                    Done::Inserted(_) => unreachable!("a cursor job moves cursors"),
-                }));
-            }
-        }
-    }
-}
-
-/// Runs `jobs` in one transaction; all or nothing.
-async fn commit_group(writer: &SqlitePool, jobs: &[Job]) -> StoreResult<Vec<Done>> {
-    let mut tx = writer.begin().await?;
-    let mut out = Vec::with_capacity(jobs.len());
-    for job in jobs {
-        out.push(job.run(&mut tx).await?);
-    }
-    tx.commit().await?;
-    Ok(out)
-}
-
-/// The group-commit task: runs until the store is dropped.
-async fn run_committer(writer: SqlitePool, mut rx: mpsc::Receiver<Job>) {
-    let mut group = Vec::with_capacity(MAX_GROUP);
-    while rx.recv_many(&mut group, MAX_GROUP).await > 0 {
-        metrics::histogram!("switchboard_store_group_commit_jobs").record(group.len() as f64);
-        let jobs: Vec<Job> = std::mem::take(&mut group);
-        match commit_group(&writer, &jobs).await {
-            Ok(done) => {
-                for (job, d) in jobs.into_iter().zip(done) {
-                    job.reply(Ok(d));
-                }
-            }
-            Err(e) if jobs.len() == 1 => {
-                if let Some(job) = jobs.into_iter().next() {
-                    job.reply(Err(e));
-                }
-            }
-            Err(_) => {
-                for job in jobs {
-                    let result = commit_group(&writer, std::slice::from_ref(&job))
-                        .await
-                        .map(|mut d| d.remove(0));
-                    job.reply(result);
-                }
-            }
-        }
-    }
-}
-
-const MESSAGE_COLUMNS: &str = "id, chat_id, seq, sender_id, content, client_msg_id, created_at, \
+pub(super) const MESSAGE_COLUMNS: &str =
+    "id, chat_id, seq, sender_id, content, client_msg_id, created_at, \
      pinned, fwd_message_id, fwd_chat_id, fwd_sender_id, call_meta";
 /// The same columns of `messages` aliased as `m`.
 const MESSAGE_COLUMNS_M: &str = "m.id, m.chat_id, m.seq, m.sender_id, m.content, \
@@ -158,7 +67,7 @@ impl SqliteStore {
             .connect_with(options.read_only(true))
             .await?;
         let (jobs, rx) = mpsc::channel(COMMIT_QUEUE);
-        tokio::spawn(run_committer(writer.clone(), rx));
+        super::sqlite_commit::start(path, rx)?;
         Ok(Self {
             writer,
             reader,
@@ -303,27 +212,6 @@ impl SqliteStore {
             true,
         ))
     }
-
-    /// Highest seq of `sender` in `(low, high]`.
-    async fn highest_of_sender(
-        tx: &mut Transaction<'_, Sqlite>,
-        chat_id: &str,
-        sender: &str,
-        low: i64,
-        high: i64,
-    ) -> StoreResult<Option<(String, i64)>> {
-        let row = sqlx::query(
-            "SELECT id, seq FROM messages WHERE chat_id = ? AND sender_id = ? AND seq > ? AND seq <= ? \
-             ORDER BY seq DESC LIMIT 1",
-        )
-        .bind(chat_id)
-        .bind(sender)
-        .bind(low)
-        .bind(high)
-        .fetch_optional(&mut **tx)
-        .await?;
-        Ok(row.map(|r| (r.get(0), r.get(1))))
-    }
 }
 
 fn make_chat(
@@ -388,7 +276,7 @@ fn is_unique_violation(e: &sqlx::Error) -> bool {
 
 /// Minimum over the members other than `except` of the read cursor and of the effective
 /// delivered cursor (read implies delivered). `None` when nobody else is in the chat.
-fn min_cursors(members: &[Member], except: &str) -> Option<(i64, i64)> {
+pub(super) fn min_cursors(members: &[Member], except: &str) -> Option<(i64, i64)> {
     members
         .iter()
         .filter(|m| m.user_id != except)
@@ -403,8 +291,13 @@ impl Store for SqliteStore {
         Ok(())
     }
 
-    /// Closes both pools, waiting for in-flight queries (a group commit in progress finishes).
+    /// Commits what was queued for the group committer and stops it, then closes both pools,
+    /// waiting for in-flight queries.
     async fn close(&self) {
+        let (done, stopped) = oneshot::channel();
+        if self.jobs.send(Job::Stop(done)).await.is_ok() {
+            let _ = stopped.await;
+        }
         self.writer.close().await;
         self.reader.close().await;
     }
@@ -504,7 +397,7 @@ impl Store for SqliteStore {
         expires_at: i64,
         now: i64,
     ) -> StoreResult<()> {
-        let mut tx = self.writer.begin().await?;
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
         // Housekeeping: expired tokens are useless even for reuse detection.
         sqlx::query("DELETE FROM refresh_tokens WHERE expires_at < ?")
             .bind(now)
@@ -531,7 +424,7 @@ impl Store for SqliteStore {
         next: NextRefreshToken,
         now: i64,
     ) -> StoreResult<RefreshOutcome> {
-        let mut tx = self.writer.begin().await?;
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
         let row = sqlx::query(
             "SELECT user_id, family_id, expires_at, used_at FROM refresh_tokens WHERE token_hash = ?",
         )
@@ -575,7 +468,7 @@ impl Store for SqliteStore {
     }
 
     async fn create_chat(&self, chat: NewChat) -> StoreResult<(ChatRecord, bool)> {
-        let mut tx = self.writer.begin().await?;
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
         for uid in &chat.participant_ids {
             let exists: Option<i64> = sqlx::query_scalar("SELECT 1 FROM users WHERE id = ?")
                 .bind(uid)
@@ -868,7 +761,7 @@ impl Store for SqliteStore {
         call: CallRecord,
         message: NewMessage,
     ) -> StoreResult<MessageRecord> {
-        let mut tx = self.writer.begin().await?;
+        let mut tx = self.writer.begin_with("BEGIN IMMEDIATE").await?;
         sqlx::query(
             "INSERT INTO calls (id, chat_id, caller_id, callee_id, call_type, started_at, answered_at, \
              ended_at, end_reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -892,84 +785,6 @@ impl Store for SqliteStore {
     async fn advance_cursors(&self, updates: Vec<CursorUpdate>) -> StoreResult<Vec<StatusChange>> {
         let (reply, rx) = oneshot::channel();
         self.submit(Job::Cursors(updates, reply), rx).await
-    }
-}
-
-impl SqliteStore {
-    /// [`Store::advance_cursors`] inside `tx`.
-    async fn advance_in(
-        tx: &mut Transaction<'_, Sqlite>,
-        updates: &[CursorUpdate],
-    ) -> StoreResult<Vec<StatusChange>> {
-        let mut members_cache: HashMap<String, Vec<Member>> = HashMap::new();
-        let mut changes: Vec<StatusChange> = Vec::new();
-        for u in updates.iter() {
-            if !members_cache.contains_key(&u.chat_id) {
-                let m = Self::members_in(&mut **tx, &u.chat_id).await?;
-                members_cache.insert(u.chat_id.clone(), m);
-            }
-            let members = members_cache.get_mut(&u.chat_id).expect("inserted above");
-            let Some(idx) = members.iter().position(|m| m.user_id == u.user_id) else {
-                continue;
-            };
-            let before = members.clone();
-            let me = &mut members[idx];
-            let (old_d, old_r) = (me.delivered_seq, me.read_seq);
-            me.delivered_seq = me.delivered_seq.max(u.seq);
-            if u.kind == CursorKind::Read {
-                me.read_seq = me.read_seq.max(u.seq);
-            }
-            if (me.delivered_seq, me.read_seq) == (old_d, old_r) {
-                continue;
-            }
-            sqlx::query(
-                "UPDATE chat_members SET delivered_seq = ?, read_seq = ? WHERE chat_id = ? AND user_id = ?",
-            )
-            .bind(me.delivered_seq)
-            .bind(me.read_seq)
-            .bind(&u.chat_id)
-            .bind(&u.user_id)
-            .execute(&mut **tx)
-            .await?;
-            let after = members.clone();
-            for sender in after.iter().filter(|m| m.user_id != u.user_id) {
-                let (Some((or, od)), Some((nr, nd))) = (
-                    min_cursors(&before, &sender.user_id),
-                    min_cursors(&after, &sender.user_id),
-                ) else {
-                    continue;
-                };
-
-                if nr > or {
-                    if let Some((id, seq)) =
-                        Self::highest_of_sender(tx, &u.chat_id, &sender.user_id, or, nr).await?
-                    {
-                        changes.push(StatusChange {
-                            sender_id: sender.user_id.clone(),
-                            chat_id: u.chat_id.clone(),
-                            message_id: id,
-                            seq,
-                            status: MessageStatus::Read,
-                        });
-                    }
-                }
-                let low = od.max(nr);
-                if nd > low {
-                    if let Some((id, seq)) =
-                        Self::highest_of_sender(tx, &u.chat_id, &sender.user_id, low, nd).await?
-                    {
-                        changes.push(StatusChange {
-                            sender_id: sender.user_id.clone(),
-                            chat_id: u.chat_id.clone(),
-                            message_id: id,
-                            seq,
-                            status: MessageStatus::Delivered,
-                        });
-                    }
-                }
-            }
-        }
-        Ok(changes)
     }
 }
 
@@ -1083,6 +898,102 @@ mod tests {
     /// Many concurrent writers share group commits: every message lands once, with gap-free
     /// seqs per chat, and each caller gets back its own message. A job that fails inside a
     /// group (a chat that does not exist) fails alone; the others commit.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_job_failing_mid_way_rolls_back_alone_and_cursors_never_go_back() {
+        let (_dir, s) = store().await;
+        let (a, b) = (user(&s, "a").await, user(&s, "b").await);
+        let (chat, _) = s
+            .create_chat(NewChat {
+                id: "c".into(),
+                kind: ChatKind::Group,
+                title: None,
+                participant_ids: vec![a.clone(), b.clone()],
+                created_at: 0,
+            })
+            .await
+            .unwrap();
+        // Good jobs around a job whose second statement fails (a duplicate message id): the
+        // failing job leaves nothing behind (not its first message, not a seq), the others
+        // commit in the same groups.
+        let mut tasks = Vec::new();
+        for w in 0..20 {
+            let (s, chat, a) = (s.clone(), chat.id.clone(), a.clone());
+            tasks.push(tokio::spawn(async move {
+                if w == 7 {
+                    let mut first = msg(&chat, &a, "doomed 1".into(), None);
+                    first.id = "dup".into();
+                    let mut second = msg(&chat, &a, "doomed 2".into(), None);
+                    second.id = "dup".into();
+                    assert!(s.insert_messages(vec![first, second]).await.is_err());
+                    return 0;
+                }
+                s.insert_messages(vec![msg(&chat, &a, format!("ok {w}"), None)])
+                    .await
+                    .unwrap()
+                    .len()
+            }));
+        }
+        let mut ok = 0;
+        for t in tasks {
+            ok += t.await.unwrap();
+        }
+        assert_eq!(ok, 19);
+        let (all, _) = s
+            .messages(&chat.id, Page::After { seq: 0, limit: 100 })
+            .await
+            .unwrap();
+        let seqs: Vec<i64> = all.iter().map(|m| m.seq).collect();
+        assert_eq!(seqs, (1..=19).collect::<Vec<i64>>());
+        assert!(all.iter().all(|m| !m.content.starts_with("doomed")));
+        // Cursor moves from many tasks in any order: each cursor ends at the highest asked,
+        // never lower, and read implies delivered.
+        let ask = |k: i64| ((k * 7) % 19 + 1, k % 3 == 0);
+        let mut tasks = Vec::new();
+        for k in 0..40i64 {
+            let (s, chat, b) = (s.clone(), chat.id.clone(), b.clone());
+            let (seq, read) = ask(k);
+            tasks.push(tokio::spawn(async move {
+                let kind = if read {
+                    CursorKind::Read
+                } else {
+                    CursorKind::Delivered
+                };
+                s.advance_cursors(vec![CursorUpdate {
+                    chat_id: chat,
+                    user_id: b,
+                    kind,
+                    seq,
+                }])
+                .await
+                .unwrap()
+            }));
+        }
+        let mut statuses = Vec::new();
+        for t in tasks {
+            statuses.extend(t.await.unwrap());
+        }
+        let members = s.members(&chat.id).await.unwrap();
+        let me = members.iter().find(|m| m.user_id == b).unwrap();
+        let max_read = (0..40).map(ask).filter(|a| a.1).map(|a| a.0).max().unwrap();
+        assert_eq!(me.delivered_seq, 19);
+        assert_eq!(me.read_seq, max_read);
+        // Each status step was reported once.
+        for status in [MessageStatus::Delivered, MessageStatus::Read] {
+            let mut seqs: Vec<i64> = statuses
+                .iter()
+                .filter(|c| c.status == status)
+                .map(|c| c.seq)
+                .collect();
+            let n = seqs.len();
+            seqs.sort();
+            seqs.dedup();
+            assert_eq!(seqs.len(), n, "{status:?} reported twice");
+        }
+        assert!(statuses
+            .iter()
+            .any(|c| c.status == MessageStatus::Read && c.seq == max_read));
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn group_commit_keeps_seqs_gap_free_and_isolates_a_failing_job() {
         let (_dir, s) = store().await;
