@@ -9,6 +9,7 @@
 //! - a method returns only after its transaction committed (callers acknowledge after that);
 //! - `(sender, client_msg_id)` is unique: a retry returns the stored message with `created: false`.
 
+pub mod cached;
 pub mod models;
 pub mod sqlite;
 mod sqlite_commit;
@@ -40,14 +41,15 @@ pub enum StoreError {
 pub type StoreResult<T> = Result<T, StoreError>;
 
 /// Opens the store `url` names (`database.url`): empty for `switchboard.db` in `data_dir`,
-/// `sqlite:PATH` or `sqlite://PATH`. Every operation is timed into `switchboard_store_seconds`.
+/// `sqlite:PATH` or `sqlite://PATH`. Chats' hot facts are served from memory ([`cached`]);
+/// every operation that reaches the database is timed into `switchboard_store_seconds`.
 pub async fn open(url: &str, data_dir: &std::path::Path) -> StoreResult<std::sync::Arc<dyn Store>> {
     match Backend::of(url, data_dir) {
         Backend::Sqlite(path) => {
             let store = sqlite::SqliteStore::open(&path).await?;
-            Ok(std::sync::Arc::new(timed::Timed(std::sync::Arc::new(
-                store,
-            ))))
+            // Timed inside the cache: the histogram times what reaches the database.
+            let timed = std::sync::Arc::new(timed::Timed(std::sync::Arc::new(store)));
+            Ok(std::sync::Arc::new(cached::Cached::new(timed)))
         }
     }
 }
