@@ -28,6 +28,9 @@ use crate::wire::chat::ConnectionEstablished;
 use crate::wire::close::{self, CloseCode};
 use crate::wire::{error_push, events, Failure, Push, Reply};
 
+/// Pushes written in one go at most, when several are waiting for a connection.
+const COALESCE: usize = 64;
+
 /// How long a closing connection may take to flush its close frame (and hear the reply).
 const CLOSE_LINGER: Duration = Duration::from_secs(2);
 /// Longer for a connection cut for being slow: its close frame waits behind a full buffer,
@@ -45,6 +48,18 @@ pub trait Transport: Send {
     type ReplyTo: Send;
 
     fn push(&mut self, push: &Push) -> impl Future<Output = Result<(), Gone>> + Send;
+
+    /// Queues a push without writing it yet; [`Transport::flush`] writes what was queued in one
+    /// go (several pushes waiting for one connection cost one write, not one each). A transport
+    /// that batches by itself keeps the default: a push.
+    fn feed(&mut self, push: &Push) -> impl Future<Output = Result<(), Gone>> + Send {
+        self.push(push)
+    }
+
+    /// Writes what [`Transport::feed`] queued.
+    fn flush(&mut self) -> impl Future<Output = Result<(), Gone>> + Send {
+        std::future::ready(Ok(()))
+    }
 
     fn reply(
         &mut self,
@@ -335,8 +350,25 @@ where
                 }
                 push = self.reg.rx.recv() => {
                     let Some(push) = push else { return End::Gone };
-                    if guarded(self.transport.push(&push), &kill, &shutdown).await.is_ok() {
-                        self.client.pushed(&push).await;
+                    // What else is queued for this connection goes out in the same write.
+                    let mut batch = vec![push];
+                    while batch.len() < COALESCE {
+                        match self.reg.rx.try_recv() {
+                            Ok(p) => batch.push(p),
+                            Err(_) => break,
+                        }
+                    }
+                    let transport = &mut self.transport;
+                    let wrote = async {
+                        for p in &batch {
+                            transport.feed(p).await?;
+                        }
+                        transport.flush().await
+                    };
+                    if guarded(wrote, &kill, &shutdown).await.is_ok() {
+                        for p in &batch {
+                            self.client.pushed(p).await;
+                        }
                     }
                 }
                 item = self.incoming.next() => {
@@ -405,22 +437,24 @@ where
         kill: &CancellationToken,
         shutdown: &CancellationToken,
     ) {
+        // The pushes and the reply of one request leave in one write (a reply writes what was
+        // fed before it).
         for push in &outcome.pushes {
-            if guarded(self.transport.push(push), kill, shutdown)
+            if guarded(self.transport.feed(push), kill, shutdown)
                 .await
                 .is_err()
             {
                 return;
             }
         }
-        if let (Some(to), Some(reply)) = (reply_to, &outcome.reply) {
-            let reply = reply.as_ref();
-            if guarded(self.transport.reply(to, reply), kill, shutdown)
-                .await
-                .is_err()
-            {
-                return;
+        let written = match (reply_to, &outcome.reply) {
+            (Some(to), Some(reply)) => {
+                guarded(self.transport.reply(to, reply.as_ref()), kill, shutdown).await
             }
+            _ => guarded(self.transport.flush(), kill, shutdown).await,
+        };
+        if written.is_err() {
+            return;
         }
         self.client.delivered(outcome.delivered).await;
     }

@@ -45,6 +45,15 @@ impl Transport for WsTransport {
         self.send(Message::Text(text)).await
     }
 
+    async fn feed(&mut self, push: &Push) -> Result<(), Gone> {
+        let text = Utf8Bytes::try_from(codec::push_frame(push)).map_err(|_| Gone)?;
+        self.sink.feed(Message::Text(text)).await.map_err(|_| Gone)
+    }
+
+    async fn flush(&mut self) -> Result<(), Gone> {
+        self.sink.flush().await.map_err(|_| Gone)
+    }
+
     async fn reply(&mut self, id: i64, reply: Result<&Reply, &Failure>) -> Result<(), Gone> {
         self.send(Message::Text(codec::reply_frame(id, reply).into()))
             .await
