@@ -350,8 +350,16 @@ where
                 }
                 push = self.reg.rx.recv() => {
                     let Some(push) = push else { return End::Gone };
-                    // What else is queued for this connection goes out in the same write.
-                    let mut batch = vec![push];
+                    // What else is queued for this connection goes out in the same write. A
+                    // push alone (the common case) is written as it is: no batch to build.
+                    let next = self.reg.rx.try_recv().ok();
+                    let Some(next) = next else {
+                        if guarded(self.transport.push(&push), &kill, &shutdown).await.is_ok() {
+                            self.client.pushed(&push).await;
+                        }
+                        continue;
+                    };
+                    let mut batch = vec![push, next];
                     while batch.len() < COALESCE {
                         match self.reg.rx.try_recv() {
                             Ok(p) => batch.push(p),
@@ -359,8 +367,7 @@ where
                         }
                     }
                     let transport = &mut self.transport;
-                    // Boxed: inline, this write's state would size every idle connection's
-                    // task (+0.45 kB each, measured).
+                    // Boxed: inline, this write's state would size every connection's task.
                     let wrote = Box::pin(async {
                         for p in &batch {
                             transport.feed(p).await?;
