@@ -438,25 +438,43 @@ struct SioTransport {
     draining: Option<TaskTrackerToken>,
 }
 
-impl SioTransport {
-    /// Emits, waiting while the Engine.IO buffer is full (a polling client between polls); the
-    /// session's guard cuts the wait when the hub gives up on this connection.
-    async fn emit(&self, event: &str, data: &RawValue) -> Result<(), Gone> {
-        let mut wait = FULL_RETRY;
-        loop {
-            match self.socket.emit(event, data) {
-                Ok(()) => return Ok(()),
-                Err(SendError::Socket(SocketError::InternalChannelFull)) => {
-                    tokio::time::sleep(wait).await;
-                    wait = (wait * 2).min(FULL_RETRY_MAX);
-                }
-                Err(SendError::Socket(SocketError::Closed)) => return Err(Gone),
-                Err(SendError::Serialize(e)) => {
-                    tracing::warn!(error = %e, event, "could not encode a push");
-                    return Ok(());
-                }
+/// Runs `send` until the Engine.IO buffer has room for it (a polling client between polls, a
+/// reader catching up), backing off from [`FULL_RETRY`] to [`FULL_RETRY_MAX`]; the session's
+/// guard or Engine.IO's heartbeat ends the wait. `Err` only when the socket is closed.
+async fn while_full<E>(
+    mut send: impl FnMut() -> Result<(), E>,
+    full: impl Fn(&E) -> bool,
+) -> Result<(), E> {
+    let mut wait = FULL_RETRY;
+    loop {
+        match send() {
+            Err(e) if full(&e) => {
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(FULL_RETRY_MAX);
             }
+            other => return other,
         }
+    }
+}
+
+/// [`while_full`] for an emit or an ack: a closed socket is [`Gone`], an encoding failure is
+/// logged and skipped.
+async fn send_or_wait(send: impl FnMut() -> Result<(), SendError>, what: &str) -> Result<(), Gone> {
+    let full = |e: &SendError| matches!(e, SendError::Socket(SocketError::InternalChannelFull));
+    match while_full(send, full).await {
+        Ok(()) => Ok(()),
+        Err(SendError::Socket(_)) => Err(Gone),
+        Err(SendError::Serialize(e)) => {
+            tracing::warn!(error = %e, what, "could not encode");
+            Ok(())
+        }
+    }
+}
+
+impl SioTransport {
+    /// Emits, waiting while the Engine.IO buffer is full.
+    async fn emit(&self, event: &str, data: &RawValue) -> Result<(), Gone> {
+        send_or_wait(|| self.socket.emit(event, data), event).await
     }
 }
 
@@ -480,21 +498,7 @@ impl Transport for SioTransport {
         };
         // An ack is waited for like a push (a polling client between polls): dropping it would
         // leave the client's callback waiting for a write that happened.
-        let mut wait = FULL_RETRY;
-        loop {
-            match ack.try_send(&body) {
-                Ok(()) => return Ok(()),
-                Err(SendError::Socket(SocketError::InternalChannelFull)) => {
-                    tokio::time::sleep(wait).await;
-                    wait = (wait * 2).min(FULL_RETRY_MAX);
-                }
-                Err(SendError::Socket(SocketError::Closed)) => return Err(Gone),
-                Err(SendError::Serialize(e)) => {
-                    tracing::warn!(error = %e, "could not encode an ack");
-                    return Ok(());
-                }
-            }
-        }
+        send_or_wait(|| ack.try_send(&body), "an ack").await
     }
 
     async fn ping(&mut self) -> Result<(), Gone> {
@@ -514,11 +518,8 @@ impl Transport for SioTransport {
         // the socket is gone, so no socket stays connected with no session behind it.
         let socket = self.socket.clone();
         tokio::spawn(async move {
-            let mut wait = FULL_RETRY;
-            while let Err(SocketError::InternalChannelFull) = socket.clone().disconnect() {
-                tokio::time::sleep(wait).await;
-                wait = (wait * 2).min(FULL_RETRY_MAX);
-            }
+            let full = |e: &SocketError| matches!(e, SocketError::InternalChannelFull);
+            let _ = while_full(|| socket.clone().disconnect(), full).await;
         });
     }
 }
