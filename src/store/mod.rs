@@ -10,6 +10,7 @@
 //! - `(sender, client_msg_id)` is unique: a retry returns the stored message with `created: false`.
 
 pub mod cached;
+pub mod cursors;
 pub mod models;
 pub mod sqlite;
 mod sqlite_commit;

@@ -274,16 +274,6 @@ fn is_unique_violation(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(db) if db.is_unique_violation())
 }
 
-/// Minimum over the members other than `except` of the read cursor and of the effective
-/// delivered cursor (read implies delivered). `None` when nobody else is in the chat.
-pub(super) fn min_cursors(members: &[Member], except: &str) -> Option<(i64, i64)> {
-    members
-        .iter()
-        .filter(|m| m.user_id != except)
-        .map(|m| (m.read_seq, m.delivered_seq.max(m.read_seq)))
-        .reduce(|a, b| (a.0.min(b.0), a.1.min(b.1)))
-}
-
 #[async_trait]
 impl Store for SqliteStore {
     async fn ping(&self) -> StoreResult<()> {
