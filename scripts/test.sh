@@ -90,6 +90,23 @@ if ! command -v node >/dev/null; then
     BROWSER_TESTS=0
 fi
 
+# A throwaway PostgreSQL for the store conformance suite on the cluster backend (PROTOCOL §8).
+pg_installed() { ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; }
+if ! pg_installed; then
+    say "installing postgresql"
+    apt_install postgresql || true
+    # The package starts a cluster service; the tests start their own.
+    if command -v systemctl >/dev/null; then systemctl disable --now postgresql >/dev/null 2>&1 || true; fi
+fi
+if pg_installed && pg_env=$(scripts/pg-temp.sh); then
+    eval "$pg_env"
+    trap 'scripts/pg-temp.sh stop "$PG_TEMP_DIR"' EXIT
+    say "PostgreSQL for the tests: $SB_TEST_POSTGRES_URL"
+else
+    SKIPPED+=("PostgreSQL store tests (postgresql missing or not startable: apt-get install postgresql)")
+    EXCLUDE+=('test(/^postgres/)')
+fi
+
 say "cargo fmt --check"
 cargo fmt --check
 

@@ -494,10 +494,15 @@ impl Config {
         if self.chat.max_participants < 2 {
             return Err(bad("chat.max_participants", "must be at least 2"));
         }
-        if !self.database.url.is_empty() && !self.database.url.starts_with("sqlite:") {
+        let db = self.database.url.trim();
+        if !db.is_empty()
+            && !db.starts_with("sqlite:")
+            && !db.starts_with("postgres://")
+            && !db.starts_with("postgresql://")
+        {
             return Err(bad(
                 "database.url",
-                "only sqlite: URLs (or empty for the default) are supported by this build",
+                "must be empty (SQLite in the data directory), sqlite:PATH or postgres://…",
             ));
         }
         match (&self.http.tls_cert_file, &self.http.tls_key_file) {

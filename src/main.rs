@@ -107,6 +107,10 @@ fn main() -> ExitCode {
                         .await
                         .map_err(Into::into)
                 }
+                switchboard::store::Backend::Postgres(_) => Err(anyhow::anyhow!(
+                    "`switchboard backup` copies a SQLite database; back PostgreSQL up with \
+                     pg_dump (docs/operations.md)"
+                )),
             }
         }),
         Command::Serve => {

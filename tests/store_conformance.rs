@@ -1,6 +1,7 @@
 //! One behaviour for every [`Store`] backend: each check below runs on each backend, opened the
-//! way the app opens it (`store::open` with a `database.url`). SQLite now; a new backend adds
-//! one line to `backends!` and must pass all of it.
+//! way the app opens it (`store::open` with a `database.url`): SQLite, and PostgreSQL on the
+//! server scripts/test.sh starts. A new backend adds one line to `backends!` and must pass all
+//! of it.
 //!
 //! What is checked is what callers rely on (store/mod.rs): gap-free per-chat seqs under
 //! concurrent writers, idempotent `(sender, clientMsgId)`, cursors that never move back and the
@@ -22,6 +23,9 @@ use switchboard::store::{
 struct Backend {
     url: String,
     data_dir: tempfile::TempDir,
+    /// PostgreSQL: the server's admin URL and the database to create there on the first open.
+    create: Option<(String, String)>,
+    created: tokio::sync::OnceCell<()>,
 }
 
 impl Backend {
@@ -31,10 +35,46 @@ impl Backend {
             "sqlite://{}",
             data_dir.path().join("conformance.db").display()
         );
-        Backend { url, data_dir }
+        Backend {
+            url,
+            data_dir,
+            create: None,
+            created: tokio::sync::OnceCell::new(),
+        }
+    }
+
+    /// A fresh database of its own on the PostgreSQL server `SB_TEST_POSTGRES_URL`
+    /// names (scripts/test.sh starts one). Without it the check fails: a skip must be visible,
+    /// and scripts/test.sh excludes these checks by name, loudly, where it has no PostgreSQL.
+    fn postgres() -> Backend {
+        let admin = std::env::var("SB_TEST_POSTGRES_URL").expect(
+            "SB_TEST_POSTGRES_URL is not set: run scripts/test.sh, or \
+             `eval $(scripts/pg-temp.sh)` first",
+        );
+        let name = format!("sb_{}", uuid::Uuid::now_v7().simple());
+        let (base, _) = admin.rsplit_once('/').expect("a URL with a database name");
+        Backend {
+            url: format!("{base}/{name}"),
+            data_dir: tempfile::tempdir().unwrap(),
+            create: Some((admin, name)),
+            created: tokio::sync::OnceCell::new(),
+        }
     }
 
     async fn open(&self) -> Arc<dyn Store> {
+        if let Some((admin, name)) = &self.create {
+            self.created
+                .get_or_init(|| async {
+                    use sqlx::Connection;
+                    let mut c = sqlx::PgConnection::connect(admin).await.unwrap();
+                    sqlx::query(&format!("CREATE DATABASE {name}"))
+                        .execute(&mut c)
+                        .await
+                        .unwrap();
+                    c.close().await.unwrap();
+                })
+                .await;
+        }
         store::open(&self.url, self.data_dir.path()).await.unwrap()
     }
 }
@@ -77,7 +117,7 @@ macro_rules! checks {
     };
 }
 
-backends!(sqlite => Backend::sqlite());
+backends!(sqlite => Backend::sqlite(), postgres => Backend::postgres());
 
 async fn user(s: &dyn Store, name: &str) -> String {
     s.create_user(NewUser {
@@ -638,4 +678,166 @@ async fn after_close_calls_fail_and_do_not_hang(b: Backend) {
         .is_err());
     let write = s.insert_messages(vec![msg(&c, &a, "late", None, 1)]);
     assert!(within(write).await.expect("a write returns").is_err());
+}
+
+/// PostgreSQL is shared by several nodes: each node has its own store (its own pool). These
+/// checks open two stores on one database, as two nodes do.
+mod postgres_nodes {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn two_nodes_writing_one_chat_get_gap_free_seqs_and_the_same_history() {
+        let b = Backend::postgres();
+        let (n1, n2) = (b.open().await, b.open().await);
+        let (a, bb) = (user(&*n1, "a").await, user(&*n2, "b").await);
+        let chat = group(&*n1, "g", &[a.as_str(), bb.as_str()]).await;
+        let mut tasks = Vec::new();
+        for w in 0..16 {
+            let (s, chat) = (
+                if w % 2 == 0 { n1.clone() } else { n2.clone() },
+                chat.clone(),
+            );
+            let sender = if w % 3 == 0 { bb.clone() } else { a.clone() };
+            tasks.push(tokio::spawn(async move {
+                for i in 0..10 {
+                    let cid = format!("w{w}-{i}");
+                    s.insert_messages(vec![msg(&chat, &sender, &cid, Some(&cid), 100)])
+                        .await
+                        .unwrap();
+                    // The same clientMsgId again through the other node's store is a retry,
+                    // not a second message: checked below by the count.
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        // A retry of one message through both nodes at once: stored once.
+        let retry = |s: Arc<dyn Store>, sender: String| {
+            let chat = chat.clone();
+            tokio::spawn(async move {
+                s.insert_messages(vec![msg(&chat, &sender, "again", Some("w1-1"), 100)])
+                    .await
+                    .unwrap()
+                    .remove(0)
+            })
+        };
+        let sender_w1 = a.clone(); // w = 1: 1 % 3 != 0
+        let (r1, r2) = (
+            retry(n1.clone(), sender_w1.clone()),
+            retry(n2.clone(), sender_w1),
+        );
+        let (r1, r2) = (r1.await.unwrap(), r2.await.unwrap());
+        assert_eq!(r1.0.id, r2.0.id);
+        assert!(!r1.1 && !r2.1, "both are the stored w1-1");
+        let h1 = n1
+            .messages(&chat, Page::After { seq: 0, limit: 500 })
+            .await
+            .unwrap()
+            .0;
+        let h2 = n2
+            .messages(&chat, Page::After { seq: 0, limit: 500 })
+            .await
+            .unwrap()
+            .0;
+        assert_eq!(
+            h1.iter().map(|m| m.seq).collect::<Vec<_>>(),
+            (1..=160).collect::<Vec<i64>>(),
+            "gap-free, strictly increasing"
+        );
+        assert_eq!(h1, h2, "both nodes read the same history");
+        assert_eq!(n2.chat(&chat).await.unwrap().last_seq, 160);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn cursors_moved_through_two_nodes_end_at_the_maxima_and_report_once() {
+        let b = Backend::postgres();
+        let (n1, n2) = (b.open().await, b.open().await);
+        let (a, bb) = (user(&*n1, "a").await, user(&*n1, "b").await);
+        let chat = group(&*n1, "g", &[a.as_str(), bb.as_str()]).await;
+        for i in 0..30 {
+            send(&*n1, &chat, &a, &format!("m{i}")).await;
+        }
+        let mut tasks = Vec::new();
+        for k in 0..40i64 {
+            let s = if k % 2 == 0 { n1.clone() } else { n2.clone() };
+            let (chat, bb) = (chat.clone(), bb.clone());
+            tasks.push(tokio::spawn(async move {
+                s.advance_cursors(vec![CursorUpdate {
+                    chat_id: chat,
+                    user_id: bb,
+                    kind: if k % 4 == 0 {
+                        CursorKind::Read
+                    } else {
+                        CursorKind::Delivered
+                    },
+                    seq: (k * 7) % 30 + 1,
+                }])
+                .await
+                .unwrap()
+            }));
+        }
+        let mut reported = Vec::new();
+        for t in tasks {
+            reported.extend(t.await.unwrap());
+        }
+        let m = n2.members(&chat).await.unwrap();
+        let b_cursor = m.iter().find(|m| m.user_id == bb).unwrap();
+        // Reads asked: k = 0, 4, ..., 36 -> seq (7k % 30) + 1; the highest read is 29.
+        let max_read = (0..40i64)
+            .filter(|k| k % 4 == 0)
+            .map(|k| (k * 7) % 30 + 1)
+            .max()
+            .unwrap();
+        let max_any = (0..40i64).map(|k| (k * 7) % 30 + 1).max().unwrap();
+        assert_eq!(
+            (b_cursor.read_seq, b_cursor.delivered_seq),
+            (max_read, max_any)
+        );
+        // Each reported status is higher than the one before it of the same kind: reported
+        // once, never backwards, whichever node moved the cursor.
+        for status in [MessageStatus::Delivered, MessageStatus::Read] {
+            let mut seqs: Vec<i64> = reported
+                .iter()
+                .filter(|c| c.status == status)
+                .map(|c| c.seq)
+                .collect();
+            let n = seqs.len();
+            seqs.sort();
+            seqs.dedup();
+            assert_eq!(seqs.len(), n, "{status:?} reported twice for one seq");
+        }
+        let top_read = reported
+            .iter()
+            .filter(|c| c.status == MessageStatus::Read)
+            .map(|c| c.seq)
+            .max();
+        assert_eq!(top_read, Some(max_read));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_direct_chat_created_through_two_nodes_at_once_exists_once() {
+        let b = Backend::postgres();
+        let (n1, n2) = (b.open().await, b.open().await);
+        let (a, bb) = (user(&*n1, "a").await, user(&*n1, "b").await);
+        let make = |s: Arc<dyn Store>, id: &'static str, who: [String; 2]| {
+            tokio::spawn(async move {
+                s.create_chat(NewChat {
+                    id: id.into(),
+                    kind: ChatKind::Direct,
+                    title: None,
+                    participant_ids: who.to_vec(),
+                    created_at: 1,
+                })
+                .await
+                .unwrap()
+            })
+        };
+        let t1 = make(n1.clone(), "d1", [a.clone(), bb.clone()]);
+        let t2 = make(n2.clone(), "d2", [bb.clone(), a.clone()]);
+        let ((c1, new1), (c2, new2)) = (t1.await.unwrap(), t2.await.unwrap());
+        assert_eq!(c1.id, c2.id);
+        assert!(new1 ^ new2, "exactly one of them created it");
+        assert_eq!(n2.chats_with_members(&a).await.unwrap().len(), 1);
+    }
 }

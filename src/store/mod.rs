@@ -12,6 +12,7 @@
 pub mod cached;
 pub mod cursors;
 pub mod models;
+pub mod postgres;
 pub mod sqlite;
 mod sqlite_commit;
 pub mod timed;
@@ -42,8 +43,10 @@ pub enum StoreError {
 pub type StoreResult<T> = Result<T, StoreError>;
 
 /// Opens the store `url` names (`database.url`): empty for `switchboard.db` in `data_dir`,
-/// `sqlite:PATH` or `sqlite://PATH`. Chats' hot facts are served from memory ([`cached`]);
-/// every operation that reaches the database is timed into `switchboard_store_seconds`.
+/// `sqlite:PATH` or `sqlite://PATH`, or `postgres://…`. On SQLite (one node) chats' hot facts
+/// are served from memory ([`cached`]); on PostgreSQL other nodes write too, so every read goes
+/// to the database (the cache would need invalidating through the broker). Every operation
+/// that reaches the database is timed into `switchboard_store_seconds`.
 pub async fn open(url: &str, data_dir: &std::path::Path) -> StoreResult<std::sync::Arc<dyn Store>> {
     match Backend::of(url, data_dir) {
         Backend::Sqlite(path) => {
@@ -52,6 +55,12 @@ pub async fn open(url: &str, data_dir: &std::path::Path) -> StoreResult<std::syn
             let timed = std::sync::Arc::new(timed::Timed(std::sync::Arc::new(store)));
             Ok(std::sync::Arc::new(cached::Cached::new(timed)))
         }
+        Backend::Postgres(url) => {
+            let store = postgres::PostgresStore::open(&url).await?;
+            Ok(std::sync::Arc::new(timed::Timed(std::sync::Arc::new(
+                store,
+            ))))
+        }
     }
 }
 
@@ -59,11 +68,15 @@ pub async fn open(url: &str, data_dir: &std::path::Path) -> StoreResult<std::syn
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Backend {
     Sqlite(std::path::PathBuf),
+    Postgres(String),
 }
 
 impl Backend {
     pub fn of(url: &str, data_dir: &std::path::Path) -> Backend {
         let url = url.trim();
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            return Backend::Postgres(url.to_owned());
+        }
         match url
             .strip_prefix("sqlite://")
             .or(url.strip_prefix("sqlite:"))

@@ -163,6 +163,29 @@ pub fn status_of(seq: i64, sender_id: &str, members: &[Member]) -> MessageStatus
     }
 }
 
+/// A chat record from its row and its members (in position order), for the backends.
+pub fn make_chat(
+    id: &str,
+    kind: &str,
+    title: Option<String>,
+    last_seq: i64,
+    created_at: i64,
+    members: &[Member],
+) -> ChatRecord {
+    ChatRecord {
+        id: id.to_owned(),
+        kind: if kind == "direct" {
+            ChatKind::Direct
+        } else {
+            ChatKind::Group
+        },
+        title,
+        participant_ids: members.iter().map(|m| m.user_id.clone()).collect(),
+        created_at,
+        last_seq,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -214,28 +214,6 @@ impl SqliteStore {
     }
 }
 
-fn make_chat(
-    id: &str,
-    kind: &str,
-    title: Option<String>,
-    last_seq: i64,
-    created_at: i64,
-    members: &[Member],
-) -> ChatRecord {
-    ChatRecord {
-        id: id.to_owned(),
-        kind: if kind == "direct" {
-            ChatKind::Direct
-        } else {
-            ChatKind::Group
-        },
-        title,
-        participant_ids: members.iter().map(|m| m.user_id.clone()).collect(),
-        created_at,
-        last_seq,
-    }
-}
-
 fn user_from_row(r: &SqliteRow) -> UserRecord {
     UserRecord {
         id: r.get("id"),

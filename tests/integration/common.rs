@@ -366,3 +366,23 @@ pub fn make_cert_for(dir: &Path, name: &str, san: &str) -> (PathBuf, PathBuf) {
     assert!(st.success());
     (cert, key)
 }
+
+/// A fresh, empty database on the PostgreSQL server `SB_TEST_POSTGRES_URL` names
+/// (scripts/test.sh starts one, or `eval $(scripts/pg-temp.sh)`); its URL. Fails without it:
+/// scripts/test.sh excludes the tests named `postgres…` by name, loudly, where it has none.
+pub async fn fresh_postgres_db() -> String {
+    use sqlx::Connection;
+    let admin = std::env::var("SB_TEST_POSTGRES_URL").expect(
+        "SB_TEST_POSTGRES_URL is not set: run scripts/test.sh, or \
+         `eval $(scripts/pg-temp.sh)` first",
+    );
+    let name = format!("sb_{}", uuid::Uuid::now_v7().simple());
+    let mut c = sqlx::PgConnection::connect(&admin).await.unwrap();
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&mut c)
+        .await
+        .unwrap();
+    c.close().await.unwrap();
+    let (base, _) = admin.rsplit_once('/').unwrap();
+    format!("{base}/{name}")
+}

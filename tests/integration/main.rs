@@ -11,6 +11,7 @@ mod coturn;
 mod doctor;
 mod hardening;
 mod ops;
+mod postgres_app;
 mod process;
 mod resilience;
 mod rest;
