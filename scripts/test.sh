@@ -90,6 +90,17 @@ if ! command -v node >/dev/null; then
     BROWSER_TESTS=0
 fi
 
+# redis-server for the cluster broker's tests (each test starts its own on a free port).
+if ! command -v redis-server >/dev/null; then
+    say "installing redis-server"
+    apt_install redis-server || true
+    if command -v systemctl >/dev/null; then systemctl disable --now redis-server >/dev/null 2>&1 || true; fi
+fi
+if ! command -v redis-server >/dev/null; then
+    SKIPPED+=("Redis broker tests (redis-server missing: apt-get install redis-server)")
+    EXCLUDE+=('test(/redis/)')
+fi
+
 # A throwaway PostgreSQL for the store conformance suite on the cluster backend (PROTOCOL §8).
 pg_installed() { ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; }
 if ! pg_installed; then

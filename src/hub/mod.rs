@@ -17,6 +17,7 @@ pub mod broker;
 pub mod memory;
 pub mod node;
 pub mod presence;
+pub mod redis;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -11,6 +11,7 @@
 
 pub mod cached;
 pub mod cursors;
+pub mod migrate;
 pub mod models;
 pub mod postgres;
 pub mod sqlite;

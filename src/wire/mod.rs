@@ -63,6 +63,32 @@ pub fn event_label(event: &str) -> &'static str {
         .unwrap_or("unknown")
 }
 
+/// Every event the server pushes (PROTOCOL §2, §2.2): what a push from another node may be.
+pub const PUSH_EVENTS: &[&str] = &[
+    events::CONNECTION_ESTABLISHED,
+    events::MESSAGE,
+    events::MESSAGE_ACK,
+    events::MESSAGE_STATUS,
+    events::MESSAGE_PINNED,
+    events::MESSAGE_UNPINNED,
+    events::USERS_UPDATE,
+    events::USER_TYPING,
+    events::USER_STOPPED_TYPING,
+    events::PONG,
+    events::ERROR,
+    "call:offer",
+    "call:answer",
+    "call:end",
+    "call:rejected",
+    "call:no-answer",
+    "call:peer-reconnecting",
+    "call:peer-resumed",
+    "call:ice-candidate",
+    "call:renegotiate",
+    "call:error",
+    "call:busy",
+];
+
 /// Names of the server's pushes (PROTOCOL §2).
 pub mod events {
     pub const CONNECTION_ESTABLISHED: &str = "connection:established";
@@ -80,7 +106,7 @@ pub mod events {
 
 /// Which message a `message` push carries: writing it to a connection marks it delivered to
 /// that connection's user (unless they sent it).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct MessageRef {
     pub chat_id: Box<str>,
     pub seq: i64,
@@ -135,6 +161,22 @@ impl Push {
             message,
             framed: Default::default(),
         }
+    }
+
+    /// A push received from another node (the cluster broker): `None` for an event this build
+    /// does not push (a node of another version), which the caller drops.
+    pub fn from_parts(
+        event: &str,
+        data: Box<RawValue>,
+        message: Option<MessageRef>,
+    ) -> Option<Arc<Push>> {
+        let event = PUSH_EVENTS.iter().find(|e| **e == event)?;
+        Some(Arc::new(Push {
+            event,
+            data,
+            message,
+            framed: Default::default(),
+        }))
     }
 
     pub fn event(&self) -> &'static str {

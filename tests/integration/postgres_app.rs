@@ -83,3 +83,93 @@ async fn postgres_chat_receipts_history_and_a_restart() {
     assert_eq!(chats["chats"][0]["unreadCount"], 0, "{chats}");
     s.stop().await;
 }
+
+/// A node's SQLite history moved to PostgreSQL with `switchboard migrate-store` (the real
+/// binary): the app on PostgreSQL then serves the same history, statuses and logins, and new
+/// messages go on from the copied seqs. A second run into the now non-empty database refuses.
+#[tokio::test]
+async fn postgres_migrate_store_from_sqlite() {
+    let s = TestServer::start().await;
+    let a = s.register("alice").await;
+    let b = s.register("bob").await;
+    let chat = s.direct_chat(&a, &b).await;
+    let mut wa = s.ws(&a).await;
+    for i in 1..=7 {
+        wa.ok(
+            "message",
+            json!({"chatId": chat, "content": format!("m{i} ✓")}),
+        )
+        .await;
+    }
+    let mut wb = s.ws(&b).await;
+    wb.ok("sync", json!({"cursors": {}})).await;
+    wb.ok("message:read", json!({"chatId": chat, "seq": 3}))
+        .await;
+    let pinned = wa
+        .ok("message", json!({"chatId": chat, "content": "pin me"}))
+        .await["message"]["id"]
+        .clone();
+    wa.ok("message:pin", json!({"messageId": pinned})).await;
+    wa.close().await;
+    wb.close().await;
+    let (_, before) = s
+        .get(&format!("/api/chats/{chat}/messages?limit=50"), &a.token)
+        .await;
+    let (_, list_before) = s.get("/api/chats", &b.token).await;
+    let dir = s.stop().await;
+
+    let db = fresh_postgres_db().await;
+    let sqlite = format!("sqlite://{}", dir.path().join("switchboard.db").display());
+    let run = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_switchboard"))
+            .args(["migrate-store", "--from", &sqlite, "--to", &db])
+            .output()
+            .unwrap()
+    };
+    let out = run();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("messages: 8 rows"), "{stdout}");
+    assert!(stdout.contains("verified"), "{stdout}");
+
+    let mut config = test_config(dir.path());
+    config.database.url = db.clone();
+    let s = TestServer::start_in(dir, config).await;
+    let (_, after) = s
+        .get(&format!("/api/chats/{chat}/messages?limit=50"), &a.token)
+        .await;
+    assert_eq!(after, before, "the same history, statuses and pin");
+    let (_, list_after) = s.get("/api/chats", &b.token).await;
+    assert_eq!(
+        list_after, list_before,
+        "the same chat list and unread count"
+    );
+    // Logins work (the password hashes moved), and seqs go on.
+    let (status, _) = s
+        .post(
+            "/api/auth/login",
+            None,
+            json!({"username": "bob", "password": "password123"}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let mut wa = s.ws(&a).await;
+    let next = wa
+        .ok("message", json!({"chatId": chat, "content": "on postgres"}))
+        .await;
+    assert_eq!(next["message"]["seq"], 9);
+    wa.close().await;
+    let _dir = s.stop().await; // keeps the SQLite file for the second run
+
+    let again = run();
+    assert!(!again.status.success());
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("already holds users"),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+}
