@@ -415,7 +415,10 @@ where
                             unreachable!("handled above")
                         }
                     };
-                    self.write(reply_to, outcome, &kill, &shutdown).await;
+                    // Boxed: the write's state would otherwise size every idle connection's
+                    // task (it is the largest thing this loop awaits; measured with
+                    // -Zprint-type-sizes), for one small allocation per request.
+                    Box::pin(self.write(reply_to, outcome, &kill, &shutdown)).await;
                 }
             }
         }
