@@ -140,12 +140,16 @@ fn main() -> ExitCode {
 async fn migrate_store(from: String, to: String) -> anyhow::Result<()> {
     use switchboard::store::Backend;
     let here = Path::new(".");
-    let Backend::Sqlite(source) = Backend::of(&from, here) else {
-        anyhow::bail!("--from must be a sqlite:// URL");
+    // Parsed here, not through Backend::of: that would take anything else for the default
+    // ./switchboard.db and migrate the wrong database.
+    let source = match from
+        .trim()
+        .strip_prefix("sqlite://")
+        .or(from.trim().strip_prefix("sqlite:"))
+    {
+        Some(path) if !path.is_empty() => PathBuf::from(path),
+        _ => anyhow::bail!("--from must name the SQLite file: sqlite:///path/to/switchboard.db"),
     };
-    if from.trim().is_empty() {
-        anyhow::bail!("--from must name the SQLite file: sqlite:///path/to/switchboard.db");
-    }
     let Backend::Postgres(target) = Backend::of(&to, here) else {
         anyhow::bail!("--to must be a postgres:// URL");
     };

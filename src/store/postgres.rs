@@ -383,11 +383,16 @@ impl Store for PostgresStore {
         now: i64,
     ) -> StoreResult<()> {
         let mut tx = self.pool.begin().await?;
-        // Housekeeping: expired tokens are useless even for reuse detection.
-        sqlx::query("DELETE FROM refresh_tokens WHERE expires_at < $1")
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
+        // Housekeeping: expired tokens are useless even for reuse detection. Rows another
+        // transaction holds (a rotation on another node) are left for the next time: waiting
+        // for them while holding others could deadlock with it.
+        sqlx::query(
+            "DELETE FROM refresh_tokens WHERE token_hash IN (SELECT token_hash FROM \
+             refresh_tokens WHERE expires_at < $1 FOR UPDATE SKIP LOCKED)",
+        )
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
         sqlx::query(
             "INSERT INTO refresh_tokens (token_hash, user_id, family_id, expires_at, created_at) \
              VALUES ($1, $2, $3, $4, $5)",

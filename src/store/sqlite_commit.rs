@@ -106,20 +106,22 @@ fn run(mut conn: Connection, mut rx: mpsc::Receiver<Job>) {
 /// SQLite copy every page a job touches into a journal, about as much I/O as the commit itself.
 /// If a job fails, the transaction is rolled back and the group runs again with a savepoint per
 /// job, so the failing one rolls back alone and fails only its own request. Callers hear only
-/// the results of the run that committed.
+/// the results of the run that committed. A failure of the transaction itself (`BEGIN`,
+/// `COMMIT`, a rollback, SQLite abandoning the transaction on a full disk or an I/O error) is
+/// not retried: every job of the group fails and none was acknowledged.
 fn commit(conn: &mut Connection, jobs: Vec<Job>) {
-    let results = match run_group(conn, &jobs, false) {
-        Ok(results) if results.iter().all(Result::is_ok) => Ok(results),
-        Ok(_) | Err(_) => run_group(conn, &jobs, true),
+    let run = match run_group(conn, &jobs, false) {
+        Ok(Run::JobFailed) => run_group(conn, &jobs, true),
+        other => other,
     };
-    match results {
-        Ok(results) => {
+    match run {
+        Ok(Run::Committed(results)) => {
             for (job, result) in jobs.into_iter().zip(results) {
                 job.reply(result);
             }
         }
+        Ok(Run::JobFailed) => unreachable!("with savepoints a failing job fails alone"),
         Err(e) => {
-            // Nothing of the group is durable: every job fails (none was acknowledged).
             let e = std::sync::Arc::new(e);
             for job in jobs {
                 job.reply(Err(StoreError::Shared(e.clone())));
@@ -128,36 +130,61 @@ fn commit(conn: &mut Connection, jobs: Vec<Job>) {
     }
 }
 
-/// Runs `jobs` in one IMMEDIATE transaction, each under a savepoint if `savepoints`. Commits
-/// unless a job failed without savepoints (then it rolls back: the caller runs the group
-/// again with them). An `Err` is a failure of the transaction itself: nothing is durable.
-fn run_group(
-    conn: &mut Connection,
-    jobs: &[Job],
-    savepoints: bool,
-) -> rusqlite::Result<Vec<StoreResult<Done>>> {
+/// How a run of a group ended, short of a failure of its transaction.
+enum Run {
+    /// Committed; a result per job (with savepoints, some may be errors: rolled back alone).
+    Committed(Vec<StoreResult<Done>>),
+    /// Without savepoints a job failed: the group was rolled back, nothing is written.
+    JobFailed,
+}
+
+/// Runs `jobs` in one IMMEDIATE transaction, each under a savepoint if `savepoints`.
+fn run_group(conn: &mut Connection, jobs: &[Job], savepoints: bool) -> rusqlite::Result<Run> {
     let mut tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let mut results = Vec::with_capacity(jobs.len());
     for job in jobs {
         if !savepoints {
-            let result = job.run(&tx);
-            let failed = result.is_err();
-            results.push(result);
-            if failed {
-                // Dropping `tx` rolls the group back.
-                return Ok(results);
+            match job.run(&tx) {
+                Ok(done) => results.push(Ok(done)),
+                Err(_) => {
+                    // Checked: a connection left inside a transaction would fail every later
+                    // group.
+                    tx.rollback()?;
+                    return Ok(Run::JobFailed);
+                }
             }
             continue;
         }
-        let result = tx.savepoint().map_err(StoreError::from).and_then(|sp| {
-            let done = job.run(&sp)?;
-            sp.commit()?;
-            Ok(done)
-        });
-        results.push(result);
+        let sp = tx.savepoint()?;
+        match job.run(&sp) {
+            Ok(done) => {
+                sp.commit()?;
+                results.push(Ok(done));
+            }
+            Err(e) => {
+                if sp.is_autocommit() {
+                    // SQLite gave up the whole transaction (a full disk, an I/O error): the
+                    // jobs before this one are gone too, and the ones after must not commit
+                    // on their own. The group fails.
+                    return Err(abandoned());
+                }
+                // Back to the savepoint and release it, checked (a failed rollback must not
+                // let the job's partial writes commit with the others).
+                sp.finish()?;
+                results.push(Err(e));
+            }
+        }
     }
     tx.commit()?;
-    Ok(results)
+    Ok(Run::Committed(results))
+}
+
+/// The error of a group whose transaction SQLite rolled back by itself.
+fn abandoned() -> rusqlite::Error {
+    rusqlite::Error::SqliteFailure(
+        rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_ABORT),
+        Some("the transaction was rolled back by SQLite; nothing of the group was written".into()),
+    )
 }
 
 impl Job {

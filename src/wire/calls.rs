@@ -357,6 +357,63 @@ mod tests {
         serde_json::from_str(e.push().data_json()).unwrap()
     }
 
+    /// A call event crosses nodes as (event, data): every one must be rebuildable there.
+    #[test]
+    fn every_call_event_is_a_known_push() {
+        let ids = || CallIds {
+            chat_id: "c".into(),
+            call_id: "k".into(),
+        };
+        let sdp = || Sdp {
+            kind: "offer".into(),
+            sdp: "v=0".into(),
+        };
+        let all = [
+            CallEvent::Offer {
+                chat_id: "c".into(),
+                call_id: "k".into(),
+                caller_id: "a".into(),
+                call_type: CallType::Audio,
+                offer: sdp(),
+            },
+            CallEvent::Answer {
+                chat_id: "c".into(),
+                call_id: "k".into(),
+                answer: sdp(),
+            },
+            CallEvent::Rejected(ids()),
+            CallEvent::NoAnswer(ids()),
+            CallEvent::PeerReconnecting(ids()),
+            CallEvent::PeerResumed(ids()),
+            CallEvent::Renegotiate {
+                chat_id: "c".into(),
+                call_id: "k".into(),
+                description: sdp(),
+                from: "a".into(),
+            },
+            CallEvent::End {
+                chat_id: "c".into(),
+                call_id: "k".into(),
+                reason: EndReason::AnsweredElsewhere,
+            },
+            CallEvent::IceCandidate {
+                chat_id: "c".into(),
+                call_id: "k".into(),
+                candidate: Candidate::from(r#"{"candidate":"x"}"#),
+                from: "a".into(),
+            },
+            CallEvent::failure(None, "busy", "busy".into()),
+            CallEvent::failure(None, "offline", "offline".into()),
+        ];
+        for e in all {
+            let push = e.push();
+            let data = serde_json::value::RawValue::from_string(push.data_json().into()).unwrap();
+            let again = crate::wire::Push::from_parts(push.event(), data, None)
+                .unwrap_or_else(|| panic!("{} is missing from PUSH_EVENTS", e.name()));
+            assert_eq!(again.data_json(), push.data_json());
+        }
+    }
+
     #[test]
     fn events_look_as_the_protocol_says() {
         let offer = CallEvent::Offer {

@@ -165,6 +165,24 @@ async fn postgres_migrate_store_from_sqlite() {
     wa.close().await;
     let _dir = s.stop().await; // keeps the SQLite file for the second run
 
+    // A path without its sqlite: prefix is refused, not taken for ./switchboard.db.
+    let bare = std::process::Command::new(env!("CARGO_BIN_EXE_switchboard"))
+        .args([
+            "migrate-store",
+            "--from",
+            sqlite.trim_start_matches("sqlite://"),
+            "--to",
+            &db,
+        ])
+        .output()
+        .unwrap();
+    assert!(!bare.status.success());
+    assert!(
+        String::from_utf8_lossy(&bare.stderr).contains("--from must name the SQLite file"),
+        "{}",
+        String::from_utf8_lossy(&bare.stderr)
+    );
+
     let again = run();
     assert!(!again.status.success());
     assert!(
