@@ -104,6 +104,96 @@ const TABLES: &[(&str, &[&str], &str)] = &[
     ),
 ];
 
+/// What verification compares per table: a key expression and integer expressions to sum.
+const FINGERPRINTS: &[(&str, &str, &[&str])] = &[
+    (
+        "users",
+        "id",
+        &[
+            "created_at",
+            "COALESCE(last_seen_at, 0)",
+            "LENGTH(COALESCE(password_hash, ''))",
+        ],
+    ),
+    (
+        "refresh_tokens",
+        "token_hash",
+        &["expires_at", "COALESCE(used_at, 0)"],
+    ),
+    ("chats", "id", &["last_seq", "created_at"]),
+    (
+        "chat_members",
+        "chat_id || ':' || user_id",
+        &["position", "delivered_seq", "read_seq"],
+    ),
+    (
+        "messages",
+        "id",
+        &[
+            "seq",
+            "created_at",
+            "LENGTH(content)",
+            "CASE WHEN pinned THEN 1 ELSE 0 END",
+        ],
+    ),
+    (
+        "calls",
+        "id",
+        &["started_at", "ended_at", "COALESCE(answered_at, 0)"],
+    ),
+];
+
+/// A table's row count, its sums, and a SHA-256 of its keys in byte order.
+type Fingerprint = (i64, Vec<i64>, Vec<u8>);
+
+fn fingerprint_sql(table: &str, key: &str, sums: &[&str], collate: &str) -> (String, String) {
+    let select = sums
+        .iter()
+        .map(|e| format!("CAST(COALESCE(SUM({e}), 0) AS BIGINT)"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    (
+        format!("SELECT COUNT(*), {select} FROM {table}"),
+        format!("SELECT {key} FROM {table} ORDER BY ({key}){collate}"),
+    )
+}
+
+fn digest(keys: &[String]) -> Vec<u8> {
+    use sha2::Digest;
+    let mut hash = sha2::Sha256::new();
+    for k in keys {
+        hash.update(k.as_bytes());
+        hash.update([0]);
+    }
+    hash.finalize().to_vec()
+}
+
+async fn fingerprint_sqlite(
+    c: &mut SqliteConnection,
+    (table, key, sums): (&str, &str, &[&str]),
+) -> StoreResult<Fingerprint> {
+    let (totals_sql, keys_sql) = fingerprint_sql(table, key, sums, "");
+    let row = sqlx::query(&totals_sql).fetch_one(&mut *c).await?;
+    let totals = (0..=sums.len())
+        .map(|i| row.try_get::<i64, _>(i))
+        .collect::<Result<Vec<_>, _>>()?;
+    let keys: Vec<String> = sqlx::query_scalar(&keys_sql).fetch_all(&mut *c).await?;
+    Ok((totals[0], totals[1..].to_vec(), digest(&keys)))
+}
+
+async fn fingerprint_postgres(
+    c: &mut sqlx::PgConnection,
+    (table, key, sums): (&str, &str, &[&str]),
+) -> StoreResult<Fingerprint> {
+    let (totals_sql, keys_sql) = fingerprint_sql(table, key, sums, " COLLATE \"C\"");
+    let row = sqlx::query(&totals_sql).fetch_one(&mut *c).await?;
+    let totals = (0..=sums.len())
+        .map(|i| row.try_get::<i64, _>(i))
+        .collect::<Result<Vec<_>, _>>()?;
+    let keys: Vec<String> = sqlx::query_scalar(&keys_sql).fetch_all(&mut *c).await?;
+    Ok((totals[0], totals[1..].to_vec(), digest(&keys)))
+}
+
 /// What was copied: rows per table, in copy order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Report {
@@ -184,17 +274,16 @@ pub async fn sqlite_to_postgres(from: &Path, to: &str) -> StoreResult<Report> {
         drop(rows);
         report.tables.push((table, copied));
     }
-    // Verify before committing: the same count in every table, and seqs the store can go on
-    // from (a chat's last_seq is its highest message).
-    for (table, copied) in &report.tables {
-        let source: i64 = sqlx::query_scalar(&format!("SELECT COUNT(*) FROM {table}"))
-            .fetch_one(&mut lite)
-            .await?;
-        let target: i64 = sqlx::query_scalar(&format!("SELECT COUNT(*) FROM {table}"))
-            .fetch_one(&mut *tx)
-            .await?;
-        if source != *copied || target != *copied {
-            return Err(StoreError::Conflict("row counts differ after the copy"));
+    // Verify before committing, by reading both sides back (not by trusting what was sent):
+    // per table the row count, sums of its numbers and a hash of its keys in one order; and
+    // seqs the store can go on from (a chat's last_seq is its highest message).
+    for (table, key, sums) in FINGERPRINTS {
+        let source = fingerprint_sqlite(&mut lite, (table, key, sums)).await?;
+        let target = fingerprint_postgres(&mut tx, (table, key, sums)).await?;
+        if source != target {
+            return Err(StoreError::Conflict(
+                "the copy differs from the source (counts, sums or keys); nothing was committed",
+            ));
         }
     }
     let behind: i64 = sqlx::query_scalar(
