@@ -9,6 +9,21 @@
 
 use super::{CursorKind, CursorUpdate, Member, MessageStatus};
 
+/// `updates` grouped by chat, chats in the order they first appear (a backend then runs one
+/// pass per chat).
+pub fn by_chat(updates: &[CursorUpdate]) -> Vec<(&str, Vec<&CursorUpdate>)> {
+    let mut index: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+    let mut chats: Vec<(&str, Vec<&CursorUpdate>)> = Vec::new();
+    for u in updates {
+        let i = *index.entry(&u.chat_id).or_insert_with(|| {
+            chats.push((&u.chat_id, Vec::new()));
+            chats.len() - 1
+        });
+        chats[i].1.push(u);
+    }
+    chats
+}
+
 /// Applies `updates` (all of one chat) to `members` as maxima. Returns the indexes of the
 /// members whose cursors moved, each once. Updates for users who are not members are ignored.
 pub fn apply(members: &mut [Member], updates: &[&CursorUpdate]) -> Vec<usize> {

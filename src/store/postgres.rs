@@ -762,13 +762,7 @@ impl Store for PostgresStore {
     }
 
     async fn advance_cursors(&self, updates: Vec<CursorUpdate>) -> StoreResult<Vec<StatusChange>> {
-        let mut chats: Vec<(&str, Vec<&CursorUpdate>)> = Vec::new();
-        for u in &updates {
-            match chats.iter_mut().find(|(chat, _)| *chat == u.chat_id) {
-                Some((_, ups)) => ups.push(u),
-                None => chats.push((&u.chat_id, vec![u])),
-            }
-        }
+        let mut chats = cursors::by_chat(&updates);
         // Locks are taken in chat id order: two batches never wait for each other in a cycle.
         chats.sort_by(|a, b| a.0.cmp(b.0));
         let mut tx = self.pool.begin().await?;

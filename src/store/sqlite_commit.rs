@@ -345,15 +345,8 @@ fn highest_of_sender(
 /// highest message whose status changed. One pass per chat of the batch: each moved member is
 /// written once and each sender's status looked up once (`store::cursors`).
 fn advance(c: &Connection, updates: &[CursorUpdate]) -> StoreResult<Vec<StatusChange>> {
-    let mut chats: Vec<(&str, Vec<&CursorUpdate>)> = Vec::new();
-    for u in updates {
-        match chats.iter_mut().find(|(chat, _)| *chat == u.chat_id) {
-            Some((_, ups)) => ups.push(u),
-            None => chats.push((&u.chat_id, vec![u])),
-        }
-    }
     let mut changes = Vec::new();
-    for (chat_id, ups) in chats {
+    for (chat_id, ups) in cursors::by_chat(updates) {
         let before = members(c, chat_id)?;
         let mut after = before.clone();
         let moved = cursors::apply(&mut after, &ups);
