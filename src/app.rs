@@ -436,10 +436,39 @@ pub async fn prepare_with_tls(
             config.presence.typing_timeout.as_millis() as i64,
         ),
     ));
-    let broker = Arc::new(MemoryBroker::new());
-    let node = Node::start(store.clone(), hub, broker)
+    let (broker, cluster): (Arc<dyn crate::hub::Broker>, _) = if config.cluster.redis_url.is_empty()
+    {
+        (Arc::new(MemoryBroker::new()), None)
+    } else {
+        let c = &config.cluster;
+        let broker = crate::hub::redis::RedisBroker::connect(&c.redis_url, &c.redis_prefix)
+            .await
+            .context("cannot reach Redis (cluster.redis_url)")?;
+        let (cluster, stale) = crate::hub::cluster::Cluster::join(
+            &c.redis_url,
+            &c.redis_prefix,
+            node_id,
+            config.presence.offline_grace.as_millis() as i64,
+        )
         .await
-        .context("cannot join the broker")?;
+        .context("cannot join the cluster (cluster.redis_url)")?;
+        // Who runs the calls is known before the first connection.
+        if let Err(e) = cluster.tick().await {
+            tracing::warn!(error = %e, "first cluster heartbeat failed");
+        }
+        (
+            broker as Arc<dyn crate::hub::Broker>,
+            Some((cluster, stale)),
+        )
+    };
+    let node = Node::start(
+        store.clone(),
+        hub,
+        broker,
+        cluster.as_ref().map(|(c, _)| c.clone()),
+    )
+    .await
+    .context("cannot join the broker")?;
     let accounts = Arc::new(Accounts::new(store.clone(), keys, config.auth.clone()));
     let deliveries_stop = CancellationToken::new();
     let records = TaskTracker::new();
@@ -450,9 +479,14 @@ pub async fn prepare_with_tls(
         config.calls.reconnect_grace,
         records.clone(),
     );
+    if let Some((_, stale)) = cluster {
+        // What this node held before a crash: gone (calls hear it, presence follows).
+        node.conns_lost(stale).await;
+    }
     let background = vec![
         tokio::spawn(node.clone().run_presence(shutdown.clone())),
         tokio::spawn(node.clone().run_deliveries(deliveries_stop.clone())),
+        tokio::spawn(node.clone().run_cluster(shutdown.clone())),
     ];
     tracing::info!(node = %node_id, "node started");
     let services = Arc::new(Services::new(

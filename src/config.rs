@@ -355,13 +355,26 @@ impl Default for SocketIoConfig {
     }
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ClusterConfig {
-    /// Empty: single node.
+    /// Empty: single node. `redis://host:6379/0` (or `rediss://` for TLS): every node of one
+    /// cluster names the same Redis and the same PostgreSQL `database.url`.
     pub redis_url: String,
+    /// Prepended to every Redis key and channel: several clusters may share one Redis.
+    pub redis_prefix: String,
     /// This node's name among the nodes; empty: a fresh one at every start.
     pub node_id: String,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        Self {
+            redis_url: String::new(),
+            redis_prefix: "switchboard:".into(),
+            node_id: String::new(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -526,10 +539,24 @@ impl Config {
             }
         }
         if !self.cluster.redis_url.is_empty() {
-            return Err(bad(
-                "cluster.redis_url",
-                "clustering is not available in this build yet; leave it empty",
-            ));
+            let url = &self.cluster.redis_url;
+            if !url.starts_with("redis://")
+                && !url.starts_with("rediss://")
+                && !url.starts_with("redis+unix://")
+                && !url.starts_with("unix://")
+            {
+                return Err(bad(
+                    "cluster.redis_url",
+                    "must be redis://…, rediss://… or unix://…",
+                ));
+            }
+            let db = &self.database.url;
+            if !db.starts_with("postgres://") && !db.starts_with("postgresql://") {
+                return Err(bad(
+                    "cluster.redis_url",
+                    "several nodes share one PostgreSQL database: set database.url to postgres://…",
+                ));
+            }
         }
         if self.turn.enabled {
             let t = &self.turn;

@@ -127,6 +127,9 @@ impl Services {
             }
             Err(_) => return Some("store timeout"),
         }
+        if let Some(reason) = self.node.cluster_unready() {
+            return Some(reason);
+        }
         if let Some(turn) = &self.turn {
             if !crate::turn::answers_stun(turn.probe_addr).await {
                 return Some("turn listener does not answer");

@@ -5,21 +5,29 @@
 //! call shown as a message in the chat history.
 #![allow(clippy::disallowed_methods)] // a shell: reads the clock for the machine
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::task::TaskTracker;
 
 pub use super::machine::Signal;
-use super::machine::{CallErrorCode, CallSummary, Command, EndReason, Machine};
+use super::machine::{CallErrorCode, CallSummary, CallType, Command, EndReason, Machine};
+use crate::hub::cluster::Cluster;
 use crate::hub::node::Node;
-use crate::hub::ConnId;
+use crate::hub::{ConnId, NodeId};
 use crate::store::{CallMeta, CallRecord, NewMessage, Store};
 use crate::time::now_ms;
 
 /// Inputs queued for the actor before callers wait.
 const QUEUE: usize = 1024;
+/// How long a signal forwarded to the calls leader waits for its reply.
+const REMOTE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often a node checks whether it became (or stopped being) the calls leader.
+const LEADER_CHECK: Duration = Duration::from_millis(500);
 
 enum Input {
     Up {
@@ -36,20 +44,221 @@ enum Input {
         signal: Signal,
         reply: oneshot::Sender<Result<String, CallErrorCode>>,
     },
-    /// End every call with `server_shutdown` (the process is going away for good).
+    /// End every call with `reason` (the process is going away for good, or another node now
+    /// runs the calls of the cluster).
     EndAll {
+        reason: EndReason,
         done: oneshot::Sender<()>,
     },
+    /// This node became the calls leader: end the calls the previous one left open.
+    TakeOver,
 }
 
 /// Handle to the calls actor.
 #[derive(Clone)]
 pub struct Calls {
     tx: mpsc::Sender<Input>,
+    /// In a cluster: how inputs reach the node that runs the calls machine.
+    route: Option<Arc<Route>>,
+}
+
+/// Calls across nodes (PROTOCOL §8): one node of the cluster, the leader in Redis, runs the
+/// machine for everybody, so busy state, glare and ringing every device stay what one machine
+/// decides. The others forward their connections' signals and connection events to it over the
+/// broker (in order: one channel per node) and wait for the reply; pushes go from it straight to
+/// the node that holds each connection.
+struct Route {
+    node: Arc<Node>,
+    cluster: Arc<Cluster>,
+    tx: mpsc::Sender<Input>,
+    pending: Mutex<HashMap<u64, oneshot::Sender<Result<String, CallErrorCode>>>>,
+    next: AtomicU64,
+}
+
+/// A call control between nodes. Externally tagged: an internally tagged enum would buffer
+/// its content, and an ICE candidate (kept as raw JSON) cannot be read back from a buffer.
+#[derive(Serialize, Deserialize)]
+enum Wire {
+    Up {
+        user: String,
+        node: u64,
+        conn: uuid::Uuid,
+    },
+    Down {
+        user: String,
+        node: u64,
+        conn: uuid::Uuid,
+    },
+    Signal {
+        req: u64,
+        user: String,
+        node: u64,
+        conn: uuid::Uuid,
+        signal: Signal,
+    },
+    Reply {
+        req: u64,
+        #[serde(default)]
+        call_id: Option<String>,
+        #[serde(default)]
+        error: Option<String>,
+    },
+}
+
+/// A call the leader has open, kept in Redis for a successor to end if the leader dies.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct OpenCall {
+    call_id: String,
+    chat_id: String,
+    caller_id: String,
+    callee_id: String,
+    call_type: CallType,
+    started_at: i64,
+    answered_at: Option<i64>,
+}
+
+impl Route {
+    /// The leader, when it is another node.
+    fn remote_leader(&self) -> Option<NodeId> {
+        self.cluster.leader().filter(|l| *l != self.node.id())
+    }
+
+    async fn send(&self, to: NodeId, w: &Wire) {
+        let body = serde_json::to_string(w).expect("plain data serialises");
+        self.node.send_call(to, body).await;
+    }
+
+    async fn signal(
+        &self,
+        leader: NodeId,
+        user: &str,
+        conn: ConnId,
+        signal: Signal,
+    ) -> Result<String, CallErrorCode> {
+        let req = self.next.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        self.pending.lock().expect("pending lock").insert(req, tx);
+        let w = Wire::Signal {
+            req,
+            user: user.to_owned(),
+            node: conn.node().0,
+            conn: conn.uuid(),
+            signal,
+        };
+        self.send(leader, &w).await;
+        match tokio::time::timeout(REMOTE_TIMEOUT, rx).await {
+            Ok(Ok(result)) => result,
+            _ => {
+                self.pending.lock().expect("pending lock").remove(&req);
+                tracing::warn!(leader = %leader, "the calls leader did not answer a signal");
+                Err(CallErrorCode::NoSuchCall)
+            }
+        }
+    }
+
+    /// A call control from node `from`. Runs on the broker's delivery path: never waits.
+    fn receive(self: &Arc<Self>, from: NodeId, body: &str) {
+        let Ok(w) = serde_json::from_str::<Wire>(body) else {
+            metrics::counter!("switchboard_broker_bad_messages_total").increment(1);
+            return;
+        };
+        let full = |_| tracing::warn!("calls queue full; a forwarded call input was dropped");
+        match w {
+            Wire::Up { user, node, conn } => {
+                let conn = ConnId::new(NodeId(node), conn);
+                self.tx
+                    .try_send(Input::Up { user, conn })
+                    .unwrap_or_else(full);
+            }
+            Wire::Down { user, node, conn } => {
+                let conn = ConnId::new(NodeId(node), conn);
+                self.tx
+                    .try_send(Input::Down { user, conn })
+                    .unwrap_or_else(full);
+            }
+            Wire::Signal {
+                req,
+                user,
+                node,
+                conn,
+                signal,
+            } => {
+                let (reply, rx) = oneshot::channel();
+                let conn = ConnId::new(NodeId(node), conn);
+                let input = Input::Signal {
+                    user,
+                    conn,
+                    signal,
+                    reply,
+                };
+                if self.tx.try_send(input).is_err() {
+                    tracing::warn!("calls queue full; a forwarded signal failed");
+                }
+                let me = self.clone();
+                tokio::spawn(async move {
+                    let result = rx.await.unwrap_or(Err(CallErrorCode::NoSuchCall));
+                    let (call_id, error) = match result {
+                        Ok(id) => (Some(id), None),
+                        Err(code) => (None, Some(code.as_str().to_owned())),
+                    };
+                    me.send(
+                        from,
+                        &Wire::Reply {
+                            req,
+                            call_id,
+                            error,
+                        },
+                    )
+                    .await;
+                });
+            }
+            Wire::Reply {
+                req,
+                call_id,
+                error,
+            } => {
+                let result = match (call_id, error) {
+                    (Some(id), None) => Ok(id),
+                    (_, e) => Err(e
+                        .as_deref()
+                        .and_then(CallErrorCode::parse)
+                        .unwrap_or(CallErrorCode::NoSuchCall)),
+                };
+                if let Some(tx) = self.pending.lock().expect("pending lock").remove(&req) {
+                    let _ = tx.send(result);
+                }
+            }
+        }
+    }
+
+    /// Watches the leader lease: a node that becomes the leader ends what a dead predecessor
+    /// left open; one that stops being it ends its own calls (the new leader cannot know them).
+    async fn watch_leader(self: Arc<Self>) {
+        let mut was_leader = false;
+        let mut check = tokio::time::interval(LEADER_CHECK);
+        loop {
+            check.tick().await;
+            if self.tx.is_closed() {
+                return;
+            }
+            let leader = self.cluster.is_leader();
+            if leader && !was_leader {
+                tracing::info!("this node now runs the calls of the cluster");
+                let _ = self.tx.send(Input::TakeOver).await;
+            } else if !leader && was_leader && self.cluster.leader().is_some() {
+                tracing::warn!("another node now runs the calls; ending the calls here");
+                let (done, _) = oneshot::channel();
+                let reason = EndReason::ConnectionLost;
+                let _ = self.tx.send(Input::EndAll { reason, done }).await;
+            }
+            was_leader = leader;
+        }
+    }
 }
 
 impl Calls {
-    /// Starts the actor. It runs until every handle is dropped.
+    /// Starts the actor. It runs until every handle is dropped. In a cluster (the node has
+    /// one) it takes call controls from other nodes and follows the leader lease.
     pub fn spawn(
         node: Arc<Node>,
         store: Arc<dyn Store>,
@@ -59,16 +268,59 @@ impl Calls {
     ) -> (Calls, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(QUEUE);
         let machine = Machine::new(ring_timeout.as_millis() as i64, grace.as_millis() as i64);
+        let route = node.cluster().cloned().map(|cluster| {
+            Arc::new(Route {
+                node: node.clone(),
+                cluster,
+                tx: tx.clone(),
+                pending: Mutex::new(HashMap::new()),
+                next: AtomicU64::new(1),
+            })
+        });
+        if let Some(route) = &route {
+            let weak = Arc::downgrade(route);
+            node.hub().set_call_handler(Arc::new(move |from, body| {
+                if let Some(route) = weak.upgrade() {
+                    route.receive(from, &body);
+                }
+            }));
+            tokio::spawn(route.clone().watch_leader());
+        }
+        let calls = Calls { tx, route };
+        // Connections of nodes that died: gone, as if they had closed.
+        if let Some(mut lost) = node.take_lost() {
+            let calls = calls.clone();
+            tokio::spawn(async move {
+                while let Some((user, conn)) = lost.recv().await {
+                    calls.connection_down(&user, conn).await;
+                }
+            });
+        }
         let shell = Shell {
+            cluster: node.cluster().cloned(),
             node,
             store,
             tracker,
+            open: HashMap::new(),
         };
         let task = tokio::spawn(run(machine, rx, shell));
-        (Calls { tx }, task)
+        (calls, task)
+    }
+
+    fn remote_leader(&self) -> Option<(&Arc<Route>, NodeId)> {
+        let route = self.route.as_ref()?;
+        route.remote_leader().map(|l| (route, l))
     }
 
     pub async fn connection_up(&self, user: &str, conn: ConnId) {
+        if let Some((route, leader)) = self.remote_leader() {
+            let w = Wire::Up {
+                user: user.to_owned(),
+                node: conn.node().0,
+                conn: conn.uuid(),
+            };
+            return route.send(leader, &w).await;
+        }
         let _ = self
             .tx
             .send(Input::Up {
@@ -79,6 +331,14 @@ impl Calls {
     }
 
     pub async fn connection_down(&self, user: &str, conn: ConnId) {
+        if let Some((route, leader)) = self.remote_leader() {
+            let w = Wire::Down {
+                user: user.to_owned(),
+                node: conn.node().0,
+                conn: conn.uuid(),
+            };
+            return route.send(leader, &w).await;
+        }
         let _ = self
             .tx
             .send(Input::Down {
@@ -88,13 +348,17 @@ impl Calls {
             .await;
     }
 
-    /// Feeds a signal; the call id on success.
+    /// Feeds a signal (to the calls leader of the cluster, wherever it runs); the call id on
+    /// success.
     pub async fn signal(
         &self,
         user: &str,
         conn: ConnId,
         signal: Signal,
     ) -> Result<String, CallErrorCode> {
+        if let Some((route, leader)) = self.remote_leader() {
+            return route.signal(leader, user, conn, signal).await;
+        }
         let (reply, rx) = oneshot::channel();
         let input = Input::Signal {
             user: user.to_owned(),
@@ -108,10 +372,12 @@ impl Calls {
         rx.await.unwrap_or(Err(CallErrorCode::NoSuchCall))
     }
 
-    /// Ends every call with `server_shutdown` and waits until the pushes are queued.
+    /// Ends every call this node runs with `server_shutdown` and waits until the pushes are
+    /// queued.
     pub async fn end_all(&self) {
         let (done, rx) = oneshot::channel();
-        if self.tx.send(Input::EndAll { done }).await.is_ok() {
+        let reason = EndReason::ServerShutdown;
+        if self.tx.send(Input::EndAll { reason, done }).await.is_ok() {
             let _ = rx.await;
         }
     }
@@ -123,9 +389,123 @@ struct Shell {
     store: Arc<dyn Store>,
     /// Call records being written; shutdown waits for them.
     tracker: TaskTracker,
+    cluster: Option<Arc<Cluster>>,
+    /// Calls open on this node, as kept in Redis (clusters only).
+    open: HashMap<String, OpenCall>,
 }
 
-async fn run(mut machine: Machine, mut rx: mpsc::Receiver<Input>, shell: Shell) {
+impl Shell {
+    /// Keeps the open calls in Redis in step with the machine, after a signal's success.
+    async fn track(&mut self, user: &str, signal: &SignalKind, call_id: &str, now: i64) {
+        let Some(cluster) = &self.cluster else {
+            return;
+        };
+        let call = match signal {
+            SignalKind::Initiate {
+                chat_id,
+                callee_id,
+                call_type,
+            } => OpenCall {
+                call_id: call_id.to_owned(),
+                chat_id: chat_id.clone(),
+                caller_id: user.to_owned(),
+                callee_id: callee_id.clone(),
+                call_type: *call_type,
+                started_at: now,
+                answered_at: None,
+            },
+            SignalKind::Answer => match self.open.get(call_id) {
+                Some(c) => OpenCall {
+                    answered_at: Some(now),
+                    ..c.clone()
+                },
+                None => return,
+            },
+            SignalKind::Other => return,
+        };
+        let json = serde_json::to_string(&call).expect("plain data serialises");
+        if let Err(e) = cluster.save_call(call_id, &json).await {
+            tracing::warn!(error = %e, "could not keep an open call in Redis");
+        }
+        self.open.insert(call_id.to_owned(), call);
+    }
+
+    /// This node became the calls leader: ends the calls a dead predecessor left open, with
+    /// `connection_lost` to both users' connections, and records them.
+    async fn take_over(&mut self, machine: &Machine) {
+        let Some(cluster) = &self.cluster else {
+            return;
+        };
+        let left = match cluster.take_calls().await {
+            Ok(left) => left,
+            Err(e) => return tracing::warn!(error = %e, "could not read the calls left open"),
+        };
+        let now = now_ms();
+        for json in left {
+            let Ok(c) = serde_json::from_str::<OpenCall>(&json) else {
+                continue;
+            };
+            if machine.has_call(&c.call_id) {
+                // Ours (started since this node became the leader): put it back.
+                let _ = cluster.save_call(&c.call_id, &json).await;
+                continue;
+            }
+            let event = crate::wire::calls::CallEvent::End {
+                chat_id: c.chat_id.clone(),
+                call_id: c.call_id.clone(),
+                reason: EndReason::ConnectionLost,
+            };
+            let push = event.push();
+            for user in [&c.caller_id, &c.callee_id] {
+                for conn in self.node.connections_of(user).await {
+                    self.node.send_to(user, conn, push.clone()).await;
+                }
+            }
+            tracing::info!(call_id = %c.call_id, "ended a call the previous calls leader left open");
+            let summary = CallSummary {
+                call_id: c.call_id,
+                chat_id: c.chat_id,
+                caller_id: c.caller_id,
+                callee_id: c.callee_id,
+                call_type: c.call_type,
+                started_at: c.started_at,
+                answered_at: c.answered_at,
+                ended_at: now,
+                reason: EndReason::ConnectionLost,
+            };
+            observe(&summary);
+            self.tracker
+                .spawn(record(self.node.clone(), self.store.clone(), summary));
+        }
+    }
+}
+
+/// What the shell needs to know of a signal after the machine took it.
+enum SignalKind {
+    Initiate {
+        chat_id: String,
+        callee_id: String,
+        call_type: CallType,
+    },
+    Answer,
+    Other,
+}
+
+impl SignalKind {
+    fn of(s: &Signal) -> SignalKind {
+        match s {
+            Signal::Initiate(r) => SignalKind::Initiate {
+                chat_id: r.chat_id.clone(),
+                callee_id: r.callee_id.clone(),
+                call_type: r.call_type,
+            },
+            Signal::Answer { .. } => SignalKind::Answer,
+            _ => SignalKind::Other,
+        }
+    }
+}
+
+async fn run(mut machine: Machine, mut rx: mpsc::Receiver<Input>, mut shell: Shell) {
     loop {
         let deadline = machine.poll_timeout();
         let sleep = async {
@@ -147,29 +527,39 @@ async fn run(mut machine: Machine, mut rx: mpsc::Receiver<Input>, shell: Shell) 
                         if let Signal::Initiate(req) = &mut signal {
                             // Read here, in the actor's order: a connection that registered
                             // after this rings through its `Up`, one that left is not rung.
-                            req.callee_devices = shell.node.hub().connections_of(&req.callee_id);
+                            req.callee_devices = shell.node.connections_of(&req.callee_id).await;
                         }
+                        let kind = SignalKind::of(&signal);
                         let result = machine.signal(&user, conn, signal, now);
                         // Commands first, so the pushes are queued before the reply is written.
-                        execute(&mut machine, &shell).await;
+                        execute(&mut machine, &mut shell).await;
+                        if let Ok(call_id) = &result {
+                            if machine.has_call(call_id) {
+                                shell.track(&user, &kind, call_id, now).await;
+                            }
+                        }
                         let _ = reply.send(result);
                         continue;
                     }
-                    Input::EndAll { done } => {
-                        machine.shutdown(now);
-                        execute(&mut machine, &shell).await;
+                    Input::EndAll { reason, done } => {
+                        machine.end_all(now, reason);
+                        execute(&mut machine, &mut shell).await;
                         let _ = done.send(());
+                        continue;
+                    }
+                    Input::TakeOver => {
+                        shell.take_over(&machine).await;
                         continue;
                     }
                 }
             }
             _ = sleep => machine.handle_timeout(now_ms()),
         }
-        execute(&mut machine, &shell).await;
+        execute(&mut machine, &mut shell).await;
     }
 }
 
-async fn execute(machine: &mut Machine, shell: &Shell) {
+async fn execute(machine: &mut Machine, shell: &mut Shell) {
     metrics::gauge!("switchboard_calls_active").set(machine.active_calls() as f64);
     while let Some(cmd) = machine.poll_command() {
         match cmd {
@@ -181,6 +571,13 @@ async fn execute(machine: &mut Machine, shell: &Shell) {
             }
             Command::Ended(summary) => {
                 observe(&summary);
+                if shell.open.remove(&summary.call_id).is_some() {
+                    if let Some(cluster) = &shell.cluster {
+                        if let Err(e) = cluster.drop_call(&summary.call_id).await {
+                            tracing::warn!(error = %e, "could not drop an ended call from Redis");
+                        }
+                    }
+                }
                 // Recorded off the actor's loop; the tracker makes shutdown wait for it.
                 shell
                     .tracker

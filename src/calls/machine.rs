@@ -44,8 +44,9 @@ pub struct CallSummary {
     pub reason: EndReason,
 }
 
-/// A `call:initiate` that passed the store checks.
-#[derive(Debug, Clone)]
+/// A `call:initiate` that passed the store checks. Serialisable: in a cluster it travels to
+/// the node that runs the machine.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Initiate {
     /// Chosen by the shell (randomness is a parameter too).
     pub call_id: String,
@@ -53,12 +54,13 @@ pub struct Initiate {
     pub callee_id: String,
     pub call_type: CallType,
     pub offer: Sdp,
-    /// The callee's live connections now (they all ring).
+    /// The callee's live connections now (they all ring): filled in by the machine's shell.
+    #[serde(skip)]
     pub callee_devices: Vec<ConnId>,
 }
 
 /// A signal from a connection: decoded, and for `Initiate` checked against the store.
-#[derive(Debug)]
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub enum Signal {
     Initiate(Initiate),
     Answer {
@@ -606,6 +608,16 @@ impl Machine {
 
     /// Ends every call (the process is going away for good).
     pub fn shutdown(&mut self, now: i64) {
+        self.end_all(now, EndReason::ServerShutdown);
+    }
+
+    /// Whether the machine runs the call `id`.
+    pub fn has_call(&self, id: &str) -> bool {
+        self.calls.contains_key(id)
+    }
+
+    /// Ends every call with `reason`.
+    pub fn end_all(&mut self, now: i64, reason: EndReason) {
         let ids: Vec<String> = {
             let mut ids: Vec<String> = self.calls.keys().cloned().collect();
             ids.sort();
@@ -613,11 +625,11 @@ impl Machine {
         };
         for id in ids {
             let call = &self.calls[&id];
-            let event = Self::end_event(call, EndReason::ServerShutdown);
+            let event = Self::end_event(call, reason);
             let mut targets = call.caller_targets();
             targets.extend(call.callee_targets());
             self.send_each(targets, event);
-            self.finish(&id, EndReason::ServerShutdown, now);
+            self.finish(&id, reason, now);
         }
     }
 

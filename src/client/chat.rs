@@ -144,14 +144,15 @@ pub async fn members_for(
 pub async fn users(s: &Services, viewer: &str) -> Result<UsersReply, ApiError> {
     let contacts: std::collections::HashSet<String> =
         s.store.contacts_of(viewer).await?.into_iter().collect();
-    let users = s
-        .store
-        .list_users()
-        .await?
+    let users = s.store.list_users().await?;
+    let ids: Vec<&str> = users.iter().map(|u| u.id.as_str()).collect();
+    let online = s.node.online(&ids).await;
+    let users = users
         .iter()
-        .map(|u| {
+        .zip(online)
+        .map(|(u, online)| {
             let visible = u.id == viewer || contacts.contains(&u.id);
-            User::new(u, visible && s.node.is_online(&u.id), visible)
+            User::new(u, visible && online, visible)
         })
         .collect();
     Ok(UsersReply { users })
@@ -161,7 +162,7 @@ pub async fn users(s: &Services, viewer: &str) -> Result<UsersReply, ApiError> {
 pub async fn me(s: &Services, me: &str) -> Result<UserReply, ApiError> {
     let user = s.store.user_by_id(me).await?;
     Ok(UserReply {
-        user: User::new(&user, s.node.is_online(&user.id), true),
+        user: User::new(&user, s.node.is_online(&user.id).await, true),
     })
 }
 

@@ -30,6 +30,9 @@ pub enum Control {
         conn: ConnId,
         push: Arc<Push>,
     },
+    /// An input for the calls machine that node runs, or its reply (calls across nodes):
+    /// opaque to the broker, encoded by the calls module.
+    Call { from: NodeId, body: String },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -63,4 +66,9 @@ pub trait Broker: Send + Sync + 'static {
 
     /// Stops handing `node` anything (it is shutting down).
     async fn unsubscribe(&self, node: NodeId);
+
+    /// Whether the broker can carry pushes between nodes now (`/readyz`).
+    fn is_healthy(&self) -> bool {
+        true
+    }
 }

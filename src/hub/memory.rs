@@ -77,7 +77,9 @@ mod tests {
                 .push(format!("pub {}", p.push.data_json()));
         }
         fn control(&self, c: Control) {
-            let Control::Deliver { push, .. } = c;
+            let Control::Deliver { push, .. } = c else {
+                return;
+            };
             self.0
                 .lock()
                 .unwrap()

@@ -14,6 +14,7 @@
 //! Must not import a transport or `app`.
 
 pub mod broker;
+pub mod cluster;
 pub mod memory;
 pub mod node;
 pub mod presence;
@@ -137,7 +138,12 @@ pub struct Hub {
     registry: Mutex<Registry>,
     message_rates: Mutex<KeyedBuckets>,
     overflows: AtomicU64,
+    /// Where call controls from other nodes go (set once by the calls actor).
+    call_handler: std::sync::OnceLock<CallHandler>,
 }
+
+/// Takes a call control from another node (its node and body). Must not block.
+pub type CallHandler = Arc<dyn Fn(NodeId, String) + Send + Sync>;
 
 impl Hub {
     pub fn new(node: NodeId, queue_len: usize, limits: UserLimits, presence: Presence) -> Self {
@@ -155,11 +161,17 @@ impl Hub {
                 RATE_MAX_USERS,
             )),
             overflows: AtomicU64::new(0),
+            call_handler: std::sync::OnceLock::new(),
         }
     }
 
     pub fn node(&self) -> NodeId {
         self.node
+    }
+
+    /// From now on call controls go to `h` (the first handler set stays).
+    pub fn set_call_handler(&self, h: CallHandler) {
+        let _ = self.call_handler.set(h);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Registry> {
@@ -211,6 +223,16 @@ impl Hub {
         reg.presence.disconnected(user_id, now)
     }
 
+    /// A user's connection on another node died with it, and it was their last anywhere: the
+    /// grace runs here. Nothing when they are connected here.
+    pub fn presence_gone(&self, user_id: &str, now: i64) -> Vec<PresenceEvent> {
+        let mut reg = self.lock();
+        if reg.users.contains_key(user_id) {
+            return Vec::new();
+        }
+        reg.presence.disconnected(user_id, now)
+    }
+
     /// Spends `n` of `user_id`'s message allowance at `now_ms` (shared by all the user's
     /// connections): `Err(retry_after_ms)` when it is used up.
     pub fn take_messages(&self, user_id: &str, n: u32, now_ms: i64) -> Result<(), i64> {
@@ -258,6 +280,15 @@ impl Hub {
             .unwrap_or_default();
         out.sort();
         out
+    }
+
+    /// Every live connection on this node, with its user.
+    pub fn all_connections(&self) -> Vec<(String, ConnId)> {
+        let reg = self.lock();
+        reg.users
+            .iter()
+            .flat_map(|(u, conns)| conns.keys().map(move |c| (u.clone(), *c)))
+            .collect()
     }
 
     pub fn connection_count(&self) -> usize {
@@ -340,6 +371,10 @@ impl Subscriber for Hub {
     fn control(&self, c: Control) {
         match c {
             Control::Deliver { user, conn, push } => self.deliver_to(&user, conn, &push),
+            Control::Call { from, body } => match self.call_handler.get() {
+                Some(h) => h(from, body),
+                None => tracing::debug!("a call control arrived before the calls actor"),
+            },
         }
     }
 }

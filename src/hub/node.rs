@@ -15,6 +15,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 
+use super::cluster::{Cluster, Lost};
 use super::presence::PresenceEvent;
 use super::{
     Broker, BrokerError, ConnId, Control, Hub, NodeId, Publication, Registration,
@@ -36,18 +37,29 @@ pub struct Node {
     presence_changed: Notify,
     delivery_tx: mpsc::Sender<CursorUpdate>,
     delivery_rx: std::sync::Mutex<Option<mpsc::Receiver<CursorUpdate>>>,
+    /// Presence and connections across nodes (`None`: one node, the hub knows everything).
+    cluster: Option<Arc<Cluster>>,
+    /// Connections of dead nodes, for the calls machine.
+    lost_tx: mpsc::UnboundedSender<(String, ConnId)>,
+    lost_rx: std::sync::Mutex<Option<mpsc::UnboundedReceiver<(String, ConnId)>>>,
 }
 
 impl Node {
-    /// A node around `hub`, subscribed to `broker`.
+    /// A node around `hub`, subscribed to `broker`; in a cluster, `cluster` tells it who is
+    /// connected on the other nodes.
     pub async fn start(
         store: Arc<dyn Store>,
         hub: Arc<Hub>,
         broker: Arc<dyn Broker>,
+        cluster: Option<Arc<Cluster>>,
     ) -> Result<Arc<Node>, BrokerError> {
         broker.subscribe(hub.node(), hub.clone()).await?;
         let (delivery_tx, delivery_rx) = mpsc::channel(DELIVERY_QUEUE);
+        let (lost_tx, lost_rx) = mpsc::unbounded_channel();
         Ok(Arc::new(Self {
+            cluster,
+            lost_tx,
+            lost_rx: std::sync::Mutex::new(Some(lost_rx)),
             store,
             hub,
             broker,
@@ -65,10 +77,28 @@ impl Node {
         &self.hub
     }
 
-    /// Registers a connection of `user_id`; presence goes up with the user's first one.
+    pub fn cluster(&self) -> Option<&Arc<Cluster>> {
+        self.cluster.as_ref()
+    }
+
+    /// Registers a connection of `user_id`; presence goes up with the user's first one (on any
+    /// node, in a cluster).
     pub async fn connect(&self, user_id: &str) -> Result<Registration, TooManyConnections> {
         let (reg, event) = self.hub.register(user_id, now_ms())?;
         self.presence_changed.notify_one();
+        let event = match &self.cluster {
+            None => event,
+            Some(c) => match c.conn_up(user_id, reg.conn_id).await {
+                Ok(true) => Some(PresenceEvent::Online {
+                    user_id: user_id.to_owned(),
+                }),
+                Ok(false) => None,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cluster presence unavailable; this node decides");
+                    event
+                }
+            },
+        };
         self.dispatch_presence(event.into_iter().collect()).await;
         Ok(reg)
     }
@@ -76,13 +106,98 @@ impl Node {
     /// A connection is gone; presence goes down (after the grace) with the user's last one.
     pub async fn disconnect(&self, user_id: &str, conn: ConnId) {
         let events = self.hub.unregister(user_id, conn, now_ms());
+        if let Some(c) = &self.cluster {
+            if let Err(e) = c.conn_down(user_id, conn).await {
+                tracing::warn!(error = %e, "cluster presence unavailable; this node decides");
+            }
+        }
         self.presence_changed.notify_one();
         self.dispatch_presence(events).await;
     }
 
-    /// Whether `user_id` is shown online.
-    pub fn is_online(&self, user_id: &str) -> bool {
-        self.hub.is_online(user_id)
+    /// For each of `users`, whether they are shown online (on any node).
+    pub async fn online(&self, users: &[&str]) -> Vec<bool> {
+        if let Some(c) = &self.cluster {
+            match c.online(users).await {
+                Ok(v) => return v,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cluster presence unavailable; this node answers")
+                }
+            }
+        }
+        users.iter().map(|u| self.hub.is_online(u)).collect()
+    }
+
+    /// Whether `user_id` is shown online (on any node).
+    pub async fn is_online(&self, user_id: &str) -> bool {
+        self.online(&[user_id]).await[0]
+    }
+
+    /// Why this node cannot reach the others, if it cannot (`/readyz`).
+    pub fn cluster_unready(&self) -> Option<&'static str> {
+        if !self.broker.is_healthy() {
+            return Some("redis unavailable (broker)");
+        }
+        match &self.cluster {
+            Some(c) if !c.is_healthy() => Some("redis unavailable (cluster state)"),
+            _ => None,
+        }
+    }
+
+    /// The connections of `user_id` on every node, oldest first.
+    pub async fn connections_of(&self, user_id: &str) -> Vec<ConnId> {
+        if let Some(c) = &self.cluster {
+            match c.connections_of(user_id).await {
+                Ok(v) => return v,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cluster registry unavailable; local connections only")
+                }
+            }
+        }
+        self.hub.connections_of(user_id)
+    }
+
+    /// Connections of a dead node were removed: users whose last connection it was start
+    /// their offline grace here, and the calls machine hears each connection went away.
+    pub async fn conns_lost(&self, lost: Vec<Lost>) {
+        let now = now_ms();
+        for l in lost {
+            if l.gone_token.is_some() {
+                let events = self.hub.presence_gone(&l.user, now);
+                self.presence_changed.notify_one();
+                self.dispatch_presence(events).await;
+            }
+            let _ = self.lost_tx.send((l.user, l.conn));
+        }
+    }
+
+    /// Connections of dead nodes, as they are found (taken once, by the calls machine).
+    pub fn take_lost(&self) -> Option<mpsc::UnboundedReceiver<(String, ConnId)>> {
+        self.lost_rx.lock().expect("lost lock").take()
+    }
+
+    /// Renews this node's heartbeat and sweeps dead nodes until `shutdown` (clusters only).
+    pub async fn run_cluster(self: Arc<Self>, shutdown: CancellationToken) {
+        let Some(cluster) = self.cluster.clone() else {
+            return;
+        };
+        let mut tick = tokio::time::interval(super::cluster::TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            match cluster.tick().await {
+                Ok(t) => {
+                    self.conns_lost(t.lost).await;
+                    if let Err(e) = cluster.resync(&self.hub.all_connections()).await {
+                        tracing::warn!(error = %e, "could not put connections back into Redis");
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "cluster heartbeat failed"),
+            }
+        }
     }
 
     /// Publishes through the broker. A failure is logged and counted: what it announces is
@@ -114,6 +229,18 @@ impl Node {
         if let Err(e) = self.broker.send_control(conn.node(), c).await {
             metrics::counter!("switchboard_broker_errors_total", "op" => "control").increment(1);
             tracing::warn!(error = %e, "control message failed");
+        }
+    }
+
+    /// A call control (opaque here) for the calls machine of node `to`.
+    pub async fn send_call(&self, to: NodeId, body: String) {
+        let c = Control::Call {
+            from: self.id(),
+            body,
+        };
+        if let Err(e) = self.broker.send_control(to, c).await {
+            metrics::counter!("switchboard_broker_errors_total", "op" => "control").increment(1);
+            tracing::warn!(error = %e, "call control failed");
         }
     }
 
@@ -198,6 +325,16 @@ impl Node {
                     self.users_update(&user_id, true, None).await;
                 }
                 PresenceEvent::Offline { user_id, at } => {
+                    if let Some(c) = &self.cluster {
+                        // Shown offline by the node that ran the grace, if nobody came back.
+                        match c.offline_due(&user_id).await {
+                            Ok(true) => {}
+                            Ok(false) => continue,
+                            Err(e) => {
+                                tracing::warn!(error = %e, "cluster presence unavailable; this node decides")
+                            }
+                        }
+                    }
                     if let Err(e) = self.store.set_last_seen(&user_id, at).await {
                         tracing::warn!(error = %e, "could not store last-seen time");
                     }
@@ -327,6 +464,9 @@ impl Node {
     /// Leaves the broker (the node is stopping).
     pub async fn leave(&self) {
         self.broker.unsubscribe(self.id()).await;
+        if let Some(c) = &self.cluster {
+            c.leave().await;
+        }
     }
 }
 
@@ -352,14 +492,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = crate::store::open("", dir.path()).await.unwrap();
         let broker = Arc::new(MemoryBroker::new());
-        let a = Node::start(store.clone(), hub(1), broker.clone())
+        let a = Node::start(store.clone(), hub(1), broker.clone(), None)
             .await
             .unwrap();
-        let b = Node::start(store.clone(), hub(2), broker.clone())
+        let b = Node::start(store.clone(), hub(2), broker.clone(), None)
             .await
             .unwrap();
         assert!(
-            Node::start(store, hub(2), broker.clone()).await.is_err(),
+            Node::start(store, hub(2), broker.clone(), None)
+                .await
+                .is_err(),
             "one subscription per node id"
         );
         let mut on_a = a.connect("u").await.unwrap();

@@ -83,6 +83,16 @@ struct ControlEnvelope<'a> {
     m: Option<MessageRef>,
 }
 
+/// What travels on `{prefix}node:{id}` for the calls machine: opaque to the broker.
+#[derive(Serialize, Deserialize)]
+struct CallEnvelope<'a> {
+    t: i64,
+    /// The sending node.
+    f: u64,
+    #[serde(borrow)]
+    call: std::borrow::Cow<'a, str>,
+}
+
 impl RedisBroker {
     /// A broker on the Redis server at `url` (`redis://…`, `rediss://…` for TLS), its channels
     /// named with `prefix` (nodes of one cluster share it). Connects once to check the URL and
@@ -115,11 +125,6 @@ impl RedisBroker {
             broker.stop.clone(),
         ));
         Ok(broker)
-    }
-
-    /// Whether Redis works for this node now (`/readyz`).
-    pub fn is_healthy(&self) -> bool {
-        self.subscribed.load(Ordering::Relaxed) && self.publishing.load(Ordering::Relaxed)
     }
 
     fn all_channel(&self) -> String {
@@ -174,7 +179,18 @@ impl Broker for RedisBroker {
                 return Ok(());
             }
         }
-        let Control::Deliver { user, conn, push } = c;
+        let (user, conn, push) = match c {
+            Control::Deliver { user, conn, push } => (user, conn, push),
+            Control::Call { from, body } => {
+                let payload = serde_json::to_vec(&CallEnvelope {
+                    t: now_ms(),
+                    f: from.0,
+                    call: std::borrow::Cow::Borrowed(&body),
+                })
+                .expect("plain data serialises");
+                return self.enqueue(self.node_channel(to), payload);
+            }
+        };
         let payload = serde_json::to_vec(&ControlEnvelope {
             t: now_ms(),
             u: user,
@@ -215,6 +231,11 @@ impl Broker for RedisBroker {
             tracing::warn!("Redis subscription not up yet; retrying in the background");
         }
         Ok(())
+    }
+
+    /// Whether Redis works for this node now (`/readyz`).
+    fn is_healthy(&self) -> bool {
+        self.subscribed.load(Ordering::Relaxed) && self.publishing.load(Ordering::Relaxed)
     }
 
     async fn unsubscribe(&self, _node: NodeId) {
@@ -375,6 +396,13 @@ fn receive(
             push,
         });
     } else if channel == channels[1] {
+        if let Ok(env) = serde_json::from_slice::<CallEnvelope>(payload) {
+            lag(env.t);
+            return sub.control(Control::Call {
+                from: NodeId(env.f),
+                body: env.call.into_owned(),
+            });
+        }
         let Ok(env) = serde_json::from_slice::<ControlEnvelope>(payload) else {
             return bad();
         };
@@ -467,7 +495,9 @@ mod tests {
             ));
         }
         fn control(&self, c: Control) {
-            let Control::Deliver { user, conn, push } = c;
+            let Control::Deliver { user, conn, push } = c else {
+                return;
+            };
             self.0.lock().unwrap().push(format!(
                 "ctl {} {} {user} {}",
                 push.event(),

@@ -24,6 +24,21 @@ impl CallType {
     }
 }
 
+impl CallType {
+    pub fn parse(s: &str) -> Option<CallType> {
+        [CallType::Audio, CallType::Video]
+            .into_iter()
+            .find(|t| t.as_str() == s)
+    }
+}
+
+impl<'de> Deserialize<'de> for CallType {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = std::borrow::Cow::<str>::deserialize(d)?;
+        CallType::parse(&s).ok_or_else(|| serde::de::Error::custom("audio or video"))
+    }
+}
+
 impl Serialize for CallType {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(self.as_str())
@@ -87,6 +102,17 @@ impl CallErrorCode {
             CallErrorCode::Busy => "busy",
             CallErrorCode::NoSuchCall => "no_such_call",
         }
+    }
+
+    pub fn parse(s: &str) -> Option<CallErrorCode> {
+        [
+            CallErrorCode::CallerBusy,
+            CallErrorCode::Offline,
+            CallErrorCode::Busy,
+            CallErrorCode::NoSuchCall,
+        ]
+        .into_iter()
+        .find(|c| c.as_str() == s)
     }
 
     pub fn message(self) -> &'static str {

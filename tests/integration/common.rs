@@ -386,3 +386,135 @@ pub async fn fresh_postgres_db() -> String {
     let (base, _) = admin.rsplit_once('/').unwrap();
     format!("{base}/{name}")
 }
+
+/// A real `redis-server` on a free port (or a given one, to restart it), stopped on drop.
+pub struct RedisServer {
+    pub port: u16,
+    child: std::process::Child,
+    _dir: tempfile::TempDir,
+}
+
+impl RedisServer {
+    pub fn start() -> RedisServer {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        Self::start_on(port)
+    }
+
+    pub fn start_on(port: u16) -> RedisServer {
+        let dir = tempfile::tempdir().unwrap();
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(dir.path())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server is needed (scripts/test.sh installs it)");
+        // Dropped (killed and waited for) if it never answers.
+        let server = RedisServer {
+            port,
+            child,
+            _dir: dir,
+        };
+        for _ in 0..200 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return server;
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        panic!("redis-server did not start on {port}");
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    /// SIGKILL, and wait for it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// What the nodes of one test cluster share: PostgreSQL, Redis, a key prefix and the JWT
+/// secret (a token from one node is good on every node).
+#[derive(Clone)]
+pub struct ClusterEnv {
+    pub database_url: String,
+    pub redis_url: String,
+    pub prefix: String,
+    pub jwt_secret: String,
+}
+
+impl ClusterEnv {
+    pub async fn new(redis: &RedisServer) -> ClusterEnv {
+        ClusterEnv {
+            database_url: fresh_postgres_db().await,
+            redis_url: redis.url(),
+            prefix: format!("t{}:", uuid::Uuid::now_v7().simple()),
+            jwt_secret: format!("secret-{}", uuid::Uuid::now_v7().simple()),
+        }
+    }
+
+    /// Node `name` of the cluster, in this process.
+    pub async fn node(&self, name: &str, f: impl FnOnce(&mut Config)) -> TestServer {
+        let env = self.clone();
+        let name = name.to_owned();
+        TestServer::start_with(move |c| {
+            c.database.url = env.database_url;
+            c.cluster.redis_url = env.redis_url;
+            c.cluster.redis_prefix = env.prefix;
+            c.cluster.node_id = name;
+            c.auth.jwt_secret = env.jwt_secret;
+            f(c);
+        })
+        .await
+    }
+
+    /// The same settings as environment variables, for a node run as the real binary.
+    pub fn envs(&self, name: &str) -> Vec<(&'static str, String)> {
+        vec![
+            ("SWITCHBOARD_DATABASE__URL", self.database_url.clone()),
+            ("SWITCHBOARD_CLUSTER__REDIS_URL", self.redis_url.clone()),
+            ("SWITCHBOARD_CLUSTER__REDIS_PREFIX", self.prefix.clone()),
+            ("SWITCHBOARD_CLUSTER__NODE_ID", name.to_owned()),
+            ("SWITCHBOARD_AUTH__JWT_SECRET", self.jwt_secret.clone()),
+        ]
+    }
+}
+
+impl Ws {
+    /// The next push named `event`, waiting up to `within` (other frames stay buffered).
+    pub async fn event_within(&mut self, event: &str, within: Duration) -> Value {
+        if let Some(pos) = self.buffer.iter().position(|f| f["event"] == event) {
+            return self.buffer.remove(pos).unwrap()["data"].clone();
+        }
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let msg = tokio::time::timeout_at(deadline, self.stream.next())
+                .await
+                .unwrap_or_else(|_| panic!("no {event} within {within:?}"));
+            match msg {
+                Some(Ok(Message::Text(t))) => {
+                    let v: Value = serde_json::from_str(&t).unwrap();
+                    if v["event"] == event {
+                        return v["data"].clone();
+                    }
+                    self.buffer.push_back(v);
+                }
+                Some(Ok(_)) => {}
+                _ => panic!("closed while waiting for {event}"),
+            }
+        }
+    }
+}

@@ -12,6 +12,7 @@ mod doctor;
 mod hardening;
 mod ops;
 mod postgres_app;
+mod postgres_redis_cluster;
 mod process;
 mod resilience;
 mod rest;
