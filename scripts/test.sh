@@ -176,6 +176,12 @@ if [ "$NODE_TESTS" = 1 ] && command -v python3 >/dev/null; then
 else
     SKIPPED+=("WebSocket benchmark smoke run (node or python3 missing)")
 fi
+if command -v redis-server >/dev/null && command -v psql >/dev/null && pg_installed && command -v python3 >/dev/null; then
+    say "benchmark smoke run: scripts/bench/cluster.sh --smoke"
+    bash scripts/bench/cluster.sh --smoke
+else
+    SKIPPED+=("cluster benchmark smoke run (redis-server, postgresql or python3 missing)")
+fi
 
 if [ ${#SKIPPED[@]} -gt 0 ]; then
     for s in "${SKIPPED[@]}"; do warn "SKIPPED (not counted as passed): $s"; done

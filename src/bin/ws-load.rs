@@ -5,6 +5,8 @@
 //! long-polling (`--transport polling`: one long GET in flight per client, sends as POSTs).
 //! Prints one `RESULT key=value ...` line per workload; the script turns them into a table.
 //!
+//! `--url` may list several nodes of one cluster, comma-separated: clients connect to them in
+//! turn (`call`: the caller to the first, the callee to the last).
 //!   ws-load idle   --url URL --proto sb|sio|sbio --conns N [--setup FILE] --hold SECS
 //!   ws-load fanout --url URL --proto sb|sio|sbio --clients C --group G --messages M [--setup FILE]
 //!   ws-load ack    --url URL --proto sb|sio|sbio --messages M [--setup FILE]
@@ -364,9 +366,12 @@ async fn connect_many(
 ) -> Vec<Client> {
     let sem = Arc::new(tokio::sync::Semaphore::new(256));
     let mut tasks = Vec::with_capacity(n);
+    // Several nodes (`--url A,B`): client i connects to node i mod n, so the two members of a
+    // chat of 2 are on different nodes.
+    let urls: Vec<&str> = url.split(',').collect();
     for i in 0..n {
         let token = setup.tokens.get(i % setup.tokens.len().max(1)).cloned();
-        let (url, sem) = (url.to_owned(), sem.clone());
+        let (url, sem) = (urls[i % urls.len()].to_owned(), sem.clone());
         tasks.push(tokio::spawn(async move {
             let _permit = sem.acquire().await.expect("semaphore");
             for attempt in 0..5 {
@@ -502,6 +507,9 @@ async fn main() -> anyhow::Result<()> {
     }
     let args = Args(map);
     let url = args.get("url").expect("--url").to_owned();
+    // The first node, and the last (the callee's in `call`: another node than the caller's).
+    let first = url.split(',').next().unwrap_or_default().to_owned();
+    let last = url.rsplit(',').next().unwrap_or_default().to_owned();
     let proto = match args.get("proto") {
         Some("sio") => Proto::Sio,
         Some("sbio") => Proto::SbIo,
@@ -541,7 +549,7 @@ async fn main() -> anyhow::Result<()> {
         "ack" => {
             let messages = args.num("messages", 1000);
             let token = setup.tokens.first().map(String::as_str);
-            let mut c = Client::connect(&url, proto, transport, token).await?;
+            let mut c = Client::connect(&first, proto, transport, token).await?;
             let room = match proto {
                 Proto::Sb | Proto::SbIo => setup.direct.clone().expect("setup.direct"),
                 Proto::Sio => join_room(&mut c, "ack-room").await?,
@@ -568,8 +576,8 @@ async fn main() -> anyhow::Result<()> {
         "call" => {
             let calls = args.num("calls", 100);
             let token = |i: usize| setup.tokens.get(i).map(String::as_str);
-            let mut caller = Client::connect(&url, proto, transport, token(0)).await?;
-            let mut callee = Client::connect(&url, proto, transport, token(1)).await?;
+            let mut caller = Client::connect(&first, proto, transport, token(0)).await?;
+            let mut callee = Client::connect(&last, proto, transport, token(1)).await?;
             let room = match proto {
                 Proto::Sb | Proto::SbIo => setup.direct.clone().expect("setup.direct"),
                 Proto::Sio => {
