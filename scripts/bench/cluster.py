@@ -127,6 +127,8 @@ def measure(load_bin, url, setups, sizes):
     g = sizes["group"]
     fg = load(load_bin, "fanout", url, "sb", clients=sizes["clients"], group=g, messages=sizes["msgs50"], setup=setups[g])
     row["fanout50_deliveries_per_s"], row["fanout50_p50_ms"], row["fanout50_p99_ms"] = fg["deliveries_per_s"], fg["p50_ms"], fg["p99_ms"]
+    e = load(load_bin, "e2e", url, "sb", messages=sizes["ack"], setup=setups[2])
+    row["e2e_p50_ms"], row["e2e_p99_ms"] = e["p50_ms"], e["p99_ms"]
     a = load(load_bin, "ack", url, "sb", messages=sizes["ack"], setup=setups[2])
     row["ack_p50_ms"], row["ack_p99_ms"] = a["p50_ms"], a["p99_ms"]
     c = load(load_bin, "call", url, "sb", calls=sizes["calls"], setup=setups[2])
@@ -182,6 +184,8 @@ def main():
 
     med = {n: report.medians(rs) for n, rs in results.items()}
     labels = [
+        ("e2e_p50_ms", "one message at a time, send -> delivery p50 (ms)"),
+        ("e2e_p99_ms", "  p99 (ms)"),
         ("fanout2_deliveries_per_s", f"deliveries/s, {sizes['clients']} clients in chats of 2"),
         ("fanout2_p50_ms", "  end-to-end latency p50 (ms)"),
         ("fanout2_p99_ms", "  end-to-end latency p99 (ms)"),
@@ -203,8 +207,9 @@ def main():
     table = "\n".join(lines)
     p, c, s = med["postgres"], med["cluster"], med["sqlite"]
     verdict = (
-        f"Cross-node end-to-end p50 minus one node's (PostgreSQL): chats of 2 {c['fanout2_p50_ms'] - p['fanout2_p50_ms']:+.2f} ms, "
-        f"chats of {sizes['group']} {c['fanout50_p50_ms'] - p['fanout50_p50_ms']:+.2f} ms (target: at most +1 ms). "
+        f"Cross-node end-to-end p50 minus one node's (PostgreSQL), one message at a time: {c['e2e_p50_ms'] - p['e2e_p50_ms']:+.2f} ms "
+        f"(target: at most +1 ms); under the saturating fan-out, where latency is mostly queueing: chats of 2 "
+        f"{c['fanout2_p50_ms'] - p['fanout2_p50_ms']:+.2f} ms, chats of {sizes['group']} {c['fanout50_p50_ms'] - p['fanout50_p50_ms']:+.2f} ms. "
         f"PostgreSQL send->ack p50 {p['ack_p50_ms']:.2f} ms vs SQLite {s['ack_p50_ms']:.2f} ms ({report.ratio(p['ack_p50_ms'], s['ack_p50_ms'])}x); "
         f"call setup across nodes {c['call_p50_ms']:.2f} ms vs {p['call_p50_ms']:.2f} ms on one node."
     )
@@ -225,7 +230,7 @@ def main():
         )
         headline = (
             f"- Two nodes on PostgreSQL + Redis, clients split between them: {report.ratio(c['fanout2_deliveries_per_s'], p['fanout2_deliveries_per_s'])}x "
-            f"one PostgreSQL node's fan-out in chats of 2, end-to-end p50 {c['fanout2_p50_ms'] - p['fanout2_p50_ms']:+.2f} ms against it; "
+            f"one PostgreSQL node's fan-out in chats of 2, send-to-delivery p50 across nodes {c['e2e_p50_ms'] - p['e2e_p50_ms']:+.2f} ms against one node; "
             f"PostgreSQL send-to-ack p50 {p['ack_p50_ms']:.2f} ms ({report.ratio(p['ack_p50_ms'], s['ack_p50_ms'])}x SQLite's)."
         )
         report.publish("cluster", "Several nodes (PostgreSQL + Redis)", body, None, headline)

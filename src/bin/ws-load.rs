@@ -10,6 +10,7 @@
 //!   ws-load idle   --url URL --proto sb|sio|sbio --conns N [--setup FILE] --hold SECS
 //!   ws-load fanout --url URL --proto sb|sio|sbio --clients C --group G --messages M [--setup FILE]
 //!   ws-load ack    --url URL --proto sb|sio|sbio --messages M [--setup FILE]
+//!   ws-load e2e    --url URL --proto sb --messages M --setup FILE
 //!   ws-load call   --url URL --proto sb|sio|sbio --calls K [--setup FILE]
 //!
 //! `--setup` (Switchboard only) is JSON written by the script: `{"tokens": [...],
@@ -569,6 +570,34 @@ async fn main() -> anyhow::Result<()> {
             l.sort_by(|a, b| a.total_cmp(b));
             println!(
                 "RESULT workload=ack messages={messages} p50_ms={:.3} p99_ms={:.3}",
+                percentile(&l, 0.5),
+                percentile(&l, 0.99)
+            );
+        }
+        "e2e" => {
+            // One message at a time from a sender on the first node to a receiver on the last:
+            // the latency of one delivery with nothing queued (across nodes when they differ).
+            let messages = args.num("messages", 1000);
+            let token = |i: usize| setup.tokens.get(i).map(String::as_str);
+            let mut sender = Client::connect(&first, proto, transport, token(0)).await?;
+            let mut receiver = Client::connect(&last, proto, transport, token(1)).await?;
+            let room = setup.direct.clone().expect("setup.direct");
+            let mut l = Vec::with_capacity(messages as usize);
+            for i in 0..messages {
+                let t = Instant::now();
+                let id = sender
+                    .request(
+                        "message",
+                        json!({"chatId": room, "content": format!("e2e {i}")}),
+                    )
+                    .await?;
+                while receiver.next_event().await?.0 != "message" {}
+                l.push(t.elapsed().as_secs_f64() * 1000.0);
+                sender.wait_reply(id).await?;
+            }
+            l.sort_by(|a, b| a.total_cmp(b));
+            println!(
+                "RESULT workload=e2e messages={messages} p50_ms={:.3} p99_ms={:.3}",
                 percentile(&l, 0.5),
                 percentile(&l, 0.99)
             );

@@ -64,6 +64,15 @@ pub struct Lost {
     pub gone_token: Option<String>,
 }
 
+/// What a [`Cluster::resync`] changed.
+#[derive(Debug, Default)]
+pub struct Resynced {
+    /// Users shown online by it (their first connection anywhere).
+    pub online: Vec<String>,
+    /// Users whose last connection anywhere it removed: this node runs their grace.
+    pub gone: Vec<String>,
+}
+
 /// What a [`Cluster::tick`] found.
 #[derive(Debug, Default)]
 pub struct Tick {
@@ -417,29 +426,67 @@ impl Cluster {
         Ok(lost)
     }
 
-    /// Puts this node's connections (`conns`, from its hub) back into Redis when Redis lost
-    /// them (it restarted without persistence): who is connected where is rebuilt within a tick.
-    pub async fn resync(&self, conns: &[(String, ConnId)]) -> Result<()> {
+    /// Makes what Redis holds of this node's connections what its hub holds (`local`), when
+    /// the counts differ: Redis restarted and lost them, a close could not be written while
+    /// Redis was away, or this node was swept during a partition. Returns the users that came
+    /// online by it and those whose last connection it removed (this node runs their grace).
+    pub async fn resync(&self, local: &[(String, ConnId)]) -> Result<Resynced> {
+        let r = self.resync_inner(local).await;
+        self.seen(r)
+    }
+
+    async fn resync_inner(&self, local: &[(String, ConnId)]) -> Result<Resynced> {
         let mut c = self.conn.clone();
         let mine = self.key(&format!("nodeconns:{}", self.node.0));
         let held: usize = timed(c.hlen(&mine)).await?;
-        if held >= conns.len() {
-            return Ok(());
+        if held == local.len() {
+            return Ok(Resynced::default());
         }
-        let mut pipe = redis::pipe();
-        for (user, conn) in conns {
-            let f = field(*conn);
-            pipe.hset(self.key(&format!("conns:{user}")), &f, conn.node().0)
-                .ignore()
-                .hset(&mine, &f, user)
-                .ignore();
+        let stored: HashMap<String, String> = timed(c.hgetall(&mine)).await?;
+        let local: HashMap<String, (&str, ConnId)> = local
+            .iter()
+            .map(|(u, conn)| (field(*conn), (u.as_str(), *conn)))
+            .collect();
+        let mut out = Resynced::default();
+        let missing: Vec<(&String, &(&str, ConnId))> = local
+            .iter()
+            .filter(|(f, _)| !stored.contains_key(*f))
+            .collect();
+        if !missing.is_empty() {
+            let mut pipe = redis::pipe();
+            for (f, (user, conn)) in &missing {
+                pipe.cmd("EVAL")
+                    .arg(UP)
+                    .arg(3)
+                    .arg(self.key(&format!("conns:{user}")))
+                    .arg(&mine)
+                    .arg(self.key(&format!("gone:{user}")))
+                    .arg(f.as_str())
+                    .arg(conn.node().0)
+                    .arg(*user);
+            }
+            let came: Vec<i64> = timed(pipe.query_async(&mut c)).await?;
+            for ((_, (user, _)), first) in missing.iter().zip(came) {
+                if first == 1 {
+                    out.online.push((*user).to_owned());
+                }
+            }
         }
-        timed(pipe.query_async::<()>(&mut c)).await?;
+        for (f, user) in stored.iter().filter(|(f, _)| !local.contains_key(*f)) {
+            let Some(conn) = parse_field(f) else {
+                let _: () = timed(c.hdel(&mine, f)).await?;
+                continue;
+            };
+            if self.remove_conn(user, conn, self.node).await?.is_some() {
+                out.gone.push(user.clone());
+            }
+        }
         tracing::info!(
-            connections = conns.len(),
-            "connections of this node put back into Redis"
+            added = missing.len(),
+            removed = held.saturating_sub(local.len() - missing.len()),
+            "this node's connections in Redis brought in line with the node"
         );
-        Ok(())
+        Ok(out)
     }
 
     /// Whether this node holds the calls lease now.

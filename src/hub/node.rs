@@ -191,8 +191,21 @@ impl Node {
             match cluster.tick().await {
                 Ok(t) => {
                     self.conns_lost(t.lost).await;
-                    if let Err(e) = cluster.resync(&self.hub.all_connections()).await {
-                        tracing::warn!(error = %e, "could not put connections back into Redis");
+                    match cluster.resync(&self.hub.all_connections()).await {
+                        Ok(r) => {
+                            let now = now_ms();
+                            let mut events: Vec<PresenceEvent> = r
+                                .online
+                                .into_iter()
+                                .map(|user_id| PresenceEvent::Online { user_id })
+                                .collect();
+                            for user in r.gone {
+                                events.extend(self.hub.presence_gone(&user, now));
+                            }
+                            self.presence_changed.notify_one();
+                            self.dispatch_presence(events).await;
+                        }
+                        Err(e) => tracing::warn!(error = %e, "could not bring Redis in line"),
                     }
                 }
                 Err(e) => tracing::warn!(error = %e, "cluster heartbeat failed"),

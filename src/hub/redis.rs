@@ -36,6 +36,11 @@ const QUEUE: usize = 16_384;
 const BATCH: usize = 512;
 /// How long one Redis command may take before it counts as failed.
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Every node publishes a ping on its own channel this often, and takes a subscription that
+/// heard nothing (not even its pings) for [`SILENCE`] for dead: a half-open TCP connection to
+/// Redis would otherwise look subscribed forever.
+const PING_EVERY: Duration = Duration::from_secs(3);
+const SILENCE: Duration = Duration::from_secs(10);
 /// Reconnection back-off of the subscription: from the first to the last value, doubling.
 const BACKOFF: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(5));
 
@@ -81,6 +86,12 @@ struct ControlEnvelope<'a> {
     d: &'a RawValue,
     #[serde(skip_serializing_if = "Option::is_none")]
     m: Option<MessageRef>,
+}
+
+/// A node's ping to itself, on its own channel.
+#[derive(Serialize, Deserialize)]
+struct PingEnvelope {
+    ping: i64,
 }
 
 /// What travels on `{prefix}node:{id}` for the calls machine: opaque to the broker.
@@ -215,6 +226,20 @@ impl Broker for RedisBroker {
             *local = Some((node, sub.clone()));
         }
         let (ready, is_ready) = oneshot::channel();
+        let (out, channel, stop) = (self.out.clone(), self.node_channel(node), self.stop.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(PING_EVERY);
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
+                let ping = serde_json::to_vec(&PingEnvelope { ping: now_ms() })
+                    .expect("plain data serialises");
+                // Dropped when the queue is full: the queue is then busy enough to prove life.
+                let _ = out.try_send((channel.clone(), ping));
+            }
+        });
         tokio::spawn(listen(
             self.client.clone(),
             [self.all_channel(), self.node_channel(node)],
@@ -341,6 +366,10 @@ async fn listen(
                     let msg = tokio::select! {
                         _ = stop.cancelled() => return,
                         m = messages.next() => m,
+                        _ = tokio::time::sleep(SILENCE) => {
+                            tracing::warn!("Redis subscription silent (not even this node's pings arrive)");
+                            break;
+                        }
                     };
                     let Some(msg) = msg else { break };
                     receive(
@@ -396,6 +425,9 @@ fn receive(
             push,
         });
     } else if channel == channels[1] {
+        if serde_json::from_slice::<PingEnvelope>(payload).is_ok() {
+            return; // proof that the subscription lives
+        }
         if let Ok(env) = serde_json::from_slice::<CallEnvelope>(payload) {
             lag(env.t);
             return sub.control(Control::Call {

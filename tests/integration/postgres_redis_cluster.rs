@@ -51,6 +51,23 @@ fn fixed(msgs: &[Value]) -> Vec<Value> {
         .collect()
 }
 
+/// The call messages of a chat, once there are `n` of them (a call is recorded right after its
+/// end event is pushed, not before): waits up to 5 s.
+async fn call_records(s: &TestServer, token: &str, chat: &str, n: usize) -> Vec<Value> {
+    for _ in 0..50 {
+        let calls: Vec<Value> = history(s, token, chat)
+            .await
+            .into_iter()
+            .filter(|m| m["call"].is_object())
+            .collect();
+        if calls.len() >= n {
+            return calls;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("fewer than {n} call records in {chat}");
+}
+
 /// Every message of a chat through `s`, by paging `afterSeq`.
 async fn history(s: &TestServer, token: &str, chat: &str) -> Vec<Value> {
     let mut out: Vec<Value> = Vec::new();
@@ -332,11 +349,81 @@ async fn postgres_redis_a_node_killed_mid_call_ends_the_call_and_its_users_go_of
         .iter()
         .any(|u| u["username"] == "bob" && u["isOnline"] == false));
     // The call is recorded once, as lost.
-    let msgs = history(&a, &alice.token, &chat).await;
-    let calls: Vec<&Value> = msgs.iter().filter(|m| m["call"].is_object()).collect();
-    assert_eq!(calls.len(), 1, "{msgs:?}");
+    let calls = call_records(&a, &alice.token, &chat, 1).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(call_records(&a, &alice.token, &chat, 1).await.len(), 1, "{calls:?}");
     assert_eq!(calls[0]["call"]["outcome"], "connection_lost");
     a.stop().await;
+}
+
+/// The node that runs the calls (the first started, here the real binary) is killed with
+/// SIGKILL mid-call: the other node takes the calls lease once it expires, ends the call it left
+/// open with `connection_lost` to bob (on the surviving node), records it, and shows alice (who
+/// was on the dead node) offline.
+#[tokio::test]
+async fn postgres_redis_the_calls_leader_killed_mid_call_is_replaced() {
+    let redis = RedisServer::start();
+    let env = ClusterEnv::new(&redis).await;
+    let dir = tempfile::tempdir().unwrap();
+    let envs = env.envs("a");
+    let mut pairs: Vec<(&str, &str)> = envs.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    pairs.push(("SWITCHBOARD_PRESENCE__OFFLINE_GRACE", "300ms"));
+    let mut a = Binary::serve().in_dir(dir.path()).envs(&pairs).spawn();
+    let b = env.node("b", |_| {}).await;
+    let alice = b.register("alice").await;
+    let bob = b.register("bob").await;
+    let chat = b.direct_chat(&alice, &bob).await;
+    let mut wa = Ws::connect(a.addr, &alice.token).await;
+    let mut wb = b.ws(&bob).await;
+    // Both signals go through B to the leader on A and back.
+    let r = wb
+        .ok(
+            "call:initiate",
+            json!({"chatId": chat, "offer": offer(), "callType": "video"}),
+        )
+        .await;
+    let call = r["callId"].as_str().unwrap().to_owned();
+    wa.event("call:offer").await;
+    wa.ok("call:answer", json!({"chatId": chat, "answer": answer()}))
+        .await;
+    wb.event("call:answer").await;
+
+    a.kill9();
+    let end = wb.event_within("call:end", Duration::from_secs(25)).await;
+    assert_eq!(
+        end,
+        json!({"chatId": chat, "callId": call, "reason": "connection_lost"})
+    );
+    let mut offline = false;
+    for _ in 0..3 {
+        let u = wb
+            .event_within("users:update", Duration::from_secs(10))
+            .await;
+        if u["userId"] == alice.id.as_str() && u["isOnline"] == false {
+            offline = true;
+            break;
+        }
+    }
+    assert!(offline, "alice not shown offline after her node died");
+    // The surviving node runs the calls now: a new call rings, and the ended one is recorded
+    // once, as answered and lost.
+    let mut wa = b.ws(&alice).await;
+    let r = wb
+        .ok(
+            "call:initiate",
+            json!({"chatId": chat, "offer": offer(), "callType": "audio"}),
+        )
+        .await;
+    assert_eq!(wa.event("call:offer").await["callId"], r["callId"]);
+    let calls = call_records(&b, &bob.token, &chat, 1).await;
+    assert_eq!(calls.len(), 1, "{calls:?}");
+    assert_eq!(calls[0]["call"]["callId"], call.as_str());
+    assert_eq!(calls[0]["call"]["outcome"], "connection_lost");
+    // Answered before the leader died (kept in Redis with the call): a call with a duration,
+    // not a missed one.
+    let text = calls[0]["content"].as_str().unwrap();
+    assert!(text.starts_with("Video call, "), "{text}");
+    b.stop().await;
 }
 
 /// Redis killed and started again while both nodes take messages: every send is acknowledged
