@@ -452,10 +452,14 @@ pub async fn prepare_with_tls(
         )
         .await
         .context("cannot join the cluster (cluster.redis_url)")?;
-        // Who runs the calls is known before the first connection.
-        if let Err(e) = cluster.tick().await {
+        // Who runs the calls is known before the first connection; what the first sweep
+        // finds is handled with the stale connections of this node.
+        let (first, failed) = cluster.tick().await;
+        if let Some(e) = failed {
             tracing::warn!(error = %e, "first cluster heartbeat failed");
         }
+        let mut stale = stale;
+        stale.extend(first.lost);
         (
             broker as Arc<dyn crate::hub::Broker>,
             Some((cluster, stale)),
@@ -483,10 +487,11 @@ pub async fn prepare_with_tls(
         // What this node held before a crash: gone (calls hear it, presence follows).
         node.conns_lost(stale).await;
     }
+    // Not among `background`: it runs until the node leaves, after those have ended.
+    tokio::spawn(node.clone().run_cluster());
     let background = vec![
         tokio::spawn(node.clone().run_presence(shutdown.clone())),
         tokio::spawn(node.clone().run_deliveries(deliveries_stop.clone())),
-        tokio::spawn(node.clone().run_cluster(shutdown.clone())),
     ];
     tracing::info!(node = %node_id, "node started");
     let services = Arc::new(Services::new(
@@ -602,6 +607,10 @@ impl Prepared {
         }
         // Sessions are gone: no more call inputs. Stop the actor, then let its records land.
         self.calls_task.abort();
+        if let Some(cluster) = state.node.cluster() {
+            // Another node runs the calls from its next heartbeat, not when the lease expires.
+            cluster.release_lease().await;
+        }
         self.records.close();
         if tokio::time::timeout(DRAIN_TIMEOUT, self.records.wait())
             .await

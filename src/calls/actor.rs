@@ -15,7 +15,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::task::TaskTracker;
 
 pub use super::machine::Signal;
-use super::machine::{CallErrorCode, CallSummary, CallType, Command, EndReason, Machine};
+use super::machine::{CallErrorCode, CallSnapshot, CallSummary, Command, EndReason, Machine};
 use crate::hub::cluster::Cluster;
 use crate::hub::node::Node;
 use crate::hub::{ConnId, NodeId};
@@ -50,8 +50,16 @@ enum Input {
         reason: EndReason,
         done: oneshot::Sender<()>,
     },
-    /// This node became the calls leader: end the calls the previous one left open.
-    TakeOver,
+    /// This node became the calls leader: take over the calls the previous one left open;
+    /// `done` says whether they could be read.
+    TakeOver {
+        done: oneshot::Sender<bool>,
+    },
+    /// Another node runs the calls now (it took them over): forget ours.
+    Forget,
+    /// Check that every connection a call counts on still exists (a `Down` forwarded by
+    /// another node may have been lost with Redis).
+    Reconcile,
 }
 
 /// Handle to the calls actor.
@@ -103,18 +111,6 @@ enum Wire {
         #[serde(default)]
         error: Option<String>,
     },
-}
-
-/// A call the leader has open, kept in Redis for a successor to end if the leader dies.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct OpenCall {
-    call_id: String,
-    chat_id: String,
-    caller_id: String,
-    callee_id: String,
-    call_type: CallType,
-    started_at: i64,
-    answered_at: Option<i64>,
 }
 
 impl Route {
@@ -185,14 +181,20 @@ impl Route {
             } => {
                 let (reply, rx) = oneshot::channel();
                 let conn = ConnId::new(NodeId(node), conn);
-                let input = Input::Signal {
-                    user,
-                    conn,
-                    signal,
-                    reply,
-                };
-                if self.tx.try_send(input).is_err() {
-                    tracing::warn!("calls queue full; a forwarded signal failed");
+                if !self.cluster.is_leader() {
+                    // Sent to a node that no longer runs the calls: refused (a call started
+                    // here now would be a ghost nobody else can reach).
+                    let _ = reply.send(Err(CallErrorCode::NoSuchCall));
+                } else {
+                    let input = Input::Signal {
+                        user,
+                        conn,
+                        signal,
+                        reply,
+                    };
+                    if self.tx.try_send(input).is_err() {
+                        tracing::warn!("calls queue full; a forwarded signal failed");
+                    }
                 }
                 let me = self.clone();
                 tokio::spawn(async move {
@@ -231,11 +233,14 @@ impl Route {
         }
     }
 
-    /// Watches the leader lease: a node that becomes the leader ends what a dead predecessor
-    /// left open; one that stops being it ends its own calls (the new leader cannot know them).
+    /// Watches the leader lease: a node that becomes the leader takes over what its
+    /// predecessor left open (retrying until it could read it); one that stops being it forgets
+    /// its calls (the new leader took them over). The leader reconciles its calls' connections
+    /// every heartbeat.
     async fn watch_leader(self: Arc<Self>) {
         let mut was_leader = false;
         let mut check = tokio::time::interval(LEADER_CHECK);
+        let mut last_reconcile = tokio::time::Instant::now();
         loop {
             check.tick().await;
             if self.tx.is_closed() {
@@ -243,13 +248,20 @@ impl Route {
             }
             let leader = self.cluster.is_leader();
             if leader && !was_leader {
+                let (done, taken) = oneshot::channel();
+                if self.tx.send(Input::TakeOver { done }).await.is_err() {
+                    return;
+                }
+                if taken.await != Ok(true) {
+                    continue; // not yet: again at the next check
+                }
                 tracing::info!("this node now runs the calls of the cluster");
-                let _ = self.tx.send(Input::TakeOver).await;
-            } else if !leader && was_leader && self.cluster.leader().is_some() {
-                tracing::warn!("another node now runs the calls; ending the calls here");
-                let (done, _) = oneshot::channel();
-                let reason = EndReason::ConnectionLost;
-                let _ = self.tx.send(Input::EndAll { reason, done }).await;
+            } else if !leader && was_leader {
+                tracing::warn!("this node no longer runs the calls of the cluster");
+                let _ = self.tx.send(Input::Forget).await;
+            } else if leader && last_reconcile.elapsed() >= crate::hub::cluster::TICK {
+                last_reconcile = tokio::time::Instant::now();
+                let _ = self.tx.send(Input::Reconcile).await;
             }
             was_leader = leader;
         }
@@ -291,7 +303,15 @@ impl Calls {
         if let Some(mut lost) = node.take_lost() {
             let calls = calls.clone();
             tokio::spawn(async move {
-                while let Some((user, conn)) = lost.recv().await {
+                loop {
+                    // Ends with the actor (the node holds the other end of `lost`).
+                    let (user, conn) = tokio::select! {
+                        _ = calls.tx.closed() => return,
+                        l = lost.recv() => match l {
+                            Some(l) => l,
+                            None => return,
+                        },
+                    };
                     calls.connection_down(&user, conn).await;
                 }
             });
@@ -301,7 +321,8 @@ impl Calls {
             node,
             store,
             tracker,
-            open: HashMap::new(),
+            saved: HashMap::new(),
+            suspects: std::collections::HashSet::new(),
         };
         let task = tokio::spawn(run(machine, rx, shell));
         (calls, task)
@@ -390,118 +411,115 @@ struct Shell {
     /// Call records being written; shutdown waits for them.
     tracker: TaskTracker,
     cluster: Option<Arc<Cluster>>,
-    /// Calls open on this node, as kept in Redis (clusters only).
-    open: HashMap<String, OpenCall>,
+    /// The calls as last kept in Redis (clusters only).
+    saved: HashMap<String, CallSnapshot>,
+    /// Connections found missing once by a reconcile (gone if missing again).
+    suspects: std::collections::HashSet<ConnId>,
 }
 
 impl Shell {
-    /// Keeps the open calls in Redis in step with the machine, after a signal's success.
-    async fn track(&mut self, user: &str, signal: &SignalKind, call_id: &str, now: i64) {
-        let Some(cluster) = &self.cluster else {
+    /// Keeps the calls in Redis in step with the machine (clusters only): what changed is
+    /// written, what ended is removed, so a successor takes over exactly these.
+    async fn save(&mut self, machine: &Machine) {
+        let Some(cluster) = self.cluster.clone() else {
             return;
         };
-        let call = match signal {
-            SignalKind::Initiate {
-                chat_id,
-                callee_id,
-                call_type,
-            } => OpenCall {
-                call_id: call_id.to_owned(),
-                chat_id: chat_id.clone(),
-                caller_id: user.to_owned(),
-                callee_id: callee_id.clone(),
-                call_type: *call_type,
-                started_at: now,
-                answered_at: None,
-            },
-            SignalKind::Answer => match self.open.get(call_id) {
-                Some(c) => OpenCall {
-                    answered_at: Some(now),
-                    ..c.clone()
-                },
-                None => return,
-            },
-            SignalKind::Other => return,
-        };
-        let json = serde_json::to_string(&call).expect("plain data serialises");
-        if let Err(e) = cluster.save_call(call_id, &json).await {
-            tracing::warn!(error = %e, "could not keep an open call in Redis");
+        let now = machine.snapshots();
+        for (id, snap) in &now {
+            if self.saved.get(id) == Some(snap) {
+                continue;
+            }
+            let json = serde_json::to_string(snap).expect("plain data serialises");
+            match cluster.save_call(id, &json).await {
+                Ok(()) => {
+                    self.saved.insert(id.clone(), snap.clone());
+                }
+                Err(e) => tracing::warn!(error = %e, "could not keep a call in Redis"),
+            }
         }
-        self.open.insert(call_id.to_owned(), call);
+        let ended: Vec<String> = self
+            .saved
+            .keys()
+            .filter(|id| !now.contains_key(*id))
+            .cloned()
+            .collect();
+        for id in ended {
+            if let Err(e) = cluster.drop_call(&id).await {
+                tracing::warn!(error = %e, "could not drop an ended call from Redis");
+            }
+            self.saved.remove(&id);
+        }
     }
 
-    /// This node became the calls leader: ends the calls a dead predecessor left open, with
-    /// `connection_lost` to both users' connections, and records them.
-    async fn take_over(&mut self, machine: &Machine) {
-        let Some(cluster) = &self.cluster else {
-            return;
+    /// This node became the calls leader: takes over the calls its predecessor left in
+    /// Redis, deadlines and all. False when they could not be read.
+    async fn take_over(&mut self, machine: &mut Machine) -> bool {
+        let Some(cluster) = self.cluster.clone() else {
+            return true;
         };
         let left = match cluster.take_calls().await {
             Ok(left) => left,
-            Err(e) => return tracing::warn!(error = %e, "could not read the calls left open"),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not read the calls left open; retrying");
+                return false;
+            }
         };
         let now = now_ms();
         for json in left {
-            let Ok(c) = serde_json::from_str::<OpenCall>(&json) else {
-                continue;
-            };
-            if machine.has_call(&c.call_id) {
-                // Ours (started since this node became the leader): put it back.
-                let _ = cluster.save_call(&c.call_id, &json).await;
-                continue;
-            }
-            let event = crate::wire::calls::CallEvent::End {
-                chat_id: c.chat_id.clone(),
-                call_id: c.call_id.clone(),
-                reason: EndReason::ConnectionLost,
-            };
-            let push = event.push();
-            for user in [&c.caller_id, &c.callee_id] {
-                for conn in self.node.connections_of(user).await {
-                    self.node.send_to(user, conn, push.clone()).await;
+            match serde_json::from_str::<CallSnapshot>(&json) {
+                Ok(snap) => {
+                    tracing::info!(call_id = snap.call_id(), "took over a call");
+                    machine.restore(snap, now);
                 }
+                Err(e) => tracing::warn!(error = %e, "unreadable call state in Redis; dropped"),
             }
-            tracing::info!(call_id = %c.call_id, "ended a call the previous calls leader left open");
-            let summary = CallSummary {
-                call_id: c.call_id,
-                chat_id: c.chat_id,
-                caller_id: c.caller_id,
-                callee_id: c.callee_id,
-                call_type: c.call_type,
-                started_at: c.started_at,
-                answered_at: c.answered_at,
-                ended_at: now,
-                reason: EndReason::ConnectionLost,
-            };
-            observe(&summary);
-            self.tracker
-                .spawn(record(self.node.clone(), self.store.clone(), summary));
         }
+        // Written back by the next save; parties on a node that died with the old leader are
+        // found by the next reconcile.
+        self.saved.clear();
+        true
     }
-}
 
-/// What the shell needs to know of a signal after the machine took it.
-enum SignalKind {
-    Initiate {
-        chat_id: String,
-        callee_id: String,
-        call_type: CallType,
-    },
-    Answer,
-    Other,
-}
-
-impl SignalKind {
-    fn of(s: &Signal) -> SignalKind {
-        match s {
-            Signal::Initiate(r) => SignalKind::Initiate {
-                chat_id: r.chat_id.clone(),
-                callee_id: r.callee_id.clone(),
-                call_type: r.call_type,
-            },
-            Signal::Answer { .. } => SignalKind::Answer,
-            _ => SignalKind::Other,
+    /// Feeds `Down` for every connection a call counts on that is gone: not on this node's
+    /// hub (local ones) or not in Redis (other nodes'), twice in a row (a connection may be
+    /// registered a moment after it joined a call).
+    async fn reconcile(&mut self, machine: &mut Machine) {
+        let Some(cluster) = self.cluster.clone() else {
+            return;
+        };
+        let live = machine.live_connections();
+        let me = self.node.id();
+        let remote: Vec<(String, ConnId)> = live
+            .iter()
+            .filter(|(_, c)| c.node() != me)
+            .cloned()
+            .collect();
+        let Ok(exists) = cluster.conns_exist(&remote).await else {
+            return; // Redis away: nothing can be concluded
+        };
+        let mut missing: Vec<(String, ConnId)> = live
+            .iter()
+            .filter(|(u, c)| c.node() == me && !self.node.hub().has_connection(u, *c))
+            .cloned()
+            .collect();
+        missing.extend(
+            remote
+                .into_iter()
+                .zip(exists)
+                .filter(|(_, e)| !e)
+                .map(|(uc, _)| uc),
+        );
+        let now = now_ms();
+        let mut suspects = std::collections::HashSet::new();
+        for (user, conn) in missing {
+            if self.suspects.contains(&conn) {
+                tracing::info!(%conn, "a call's connection is gone; as if it closed");
+                machine.connection_down(&user, conn, now);
+            } else {
+                suspects.insert(conn);
+            }
         }
+        self.suspects = suspects;
     }
 }
 
@@ -529,16 +547,11 @@ async fn run(mut machine: Machine, mut rx: mpsc::Receiver<Input>, mut shell: She
                             // after this rings through its `Up`, one that left is not rung.
                             req.callee_devices = shell.node.connections_of(&req.callee_id).await;
                         }
-                        let kind = SignalKind::of(&signal);
                         let result = machine.signal(&user, conn, signal, now);
                         // Commands first, so the pushes are queued before the reply is written.
                         execute(&mut machine, &mut shell).await;
-                        if let Ok(call_id) = &result {
-                            if machine.has_call(call_id) {
-                                shell.track(&user, &kind, call_id, now).await;
-                            }
-                        }
                         let _ = reply.send(result);
+                        shell.save(&machine).await;
                         continue;
                     }
                     Input::EndAll { reason, done } => {
@@ -547,15 +560,21 @@ async fn run(mut machine: Machine, mut rx: mpsc::Receiver<Input>, mut shell: She
                         let _ = done.send(());
                         continue;
                     }
-                    Input::TakeOver => {
-                        shell.take_over(&machine).await;
-                        continue;
+                    Input::TakeOver { done } => {
+                        let taken = shell.take_over(&mut machine).await;
+                        let _ = done.send(taken);
                     }
+                    Input::Forget => {
+                        machine.forget_all();
+                        shell.saved.clear();
+                    }
+                    Input::Reconcile => shell.reconcile(&mut machine).await,
                 }
             }
             _ = sleep => machine.handle_timeout(now_ms()),
         }
         execute(&mut machine, &mut shell).await;
+        shell.save(&machine).await;
     }
 }
 
@@ -571,13 +590,6 @@ async fn execute(machine: &mut Machine, shell: &mut Shell) {
             }
             Command::Ended(summary) => {
                 observe(&summary);
-                if shell.open.remove(&summary.call_id).is_some() {
-                    if let Some(cluster) = &shell.cluster {
-                        if let Err(e) = cluster.drop_call(&summary.call_id).await {
-                            tracing::warn!(error = %e, "could not drop an ended call from Redis");
-                        }
-                    }
-                }
                 // Recorded off the actor's loop; the tracker makes shutdown wait for it.
                 shell
                     .tracker

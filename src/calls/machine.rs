@@ -87,7 +87,7 @@ pub enum Signal {
     },
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 enum Phase {
     /// Callee connections currently ringing.
     Ringing {
@@ -99,7 +99,7 @@ enum Phase {
 }
 
 /// One side of a call: its connection, or when it went away.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 struct Party {
     user: String,
     /// `None` while the party's connection is gone (inside the reconnect grace).
@@ -108,7 +108,7 @@ struct Party {
     away_until: Option<i64>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 struct Call {
     id: String,
     chat_id: String,
@@ -160,6 +160,17 @@ pub struct Machine {
 }
 
 type Result<T> = std::result::Result<T, CallErrorCode>;
+
+/// A call's whole state, for another machine to take over (in a cluster, when the node that
+/// ran the calls died). Opaque outside the machine; compared to save only what changed.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct CallSnapshot(Call);
+
+impl CallSnapshot {
+    pub fn call_id(&self) -> &str {
+        &self.0.id
+    }
+}
 
 impl Machine {
     pub fn new(ring_timeout_ms: i64, grace_ms: i64) -> Self {
@@ -609,6 +620,56 @@ impl Machine {
     /// Ends every call (the process is going away for good).
     pub fn shutdown(&mut self, now: i64) {
         self.end_all(now, EndReason::ServerShutdown);
+    }
+
+    /// The state of every call, by id.
+    pub fn snapshots(&self) -> HashMap<String, CallSnapshot> {
+        self.calls
+            .iter()
+            .map(|(id, c)| (id.clone(), CallSnapshot(c.clone())))
+            .collect()
+    }
+
+    /// Takes over a call another machine ran. Its deadlines stay as they were. If one of its
+    /// users is engaged here meanwhile, it ends at once (`connection_lost`).
+    pub fn restore(&mut self, snap: CallSnapshot, now: i64) {
+        let call = snap.0;
+        if self.calls.contains_key(&call.id) {
+            return;
+        }
+        let clash = [&call.caller.user, &call.callee.user]
+            .into_iter()
+            .any(|u| self.by_user.contains_key(u));
+        let id = call.id.clone();
+        if !clash {
+            self.by_user.insert(call.caller.user.clone(), id.clone());
+            self.by_user.insert(call.callee.user.clone(), id.clone());
+        }
+        self.calls.insert(id.clone(), call);
+        if clash {
+            let call = &self.calls[&id];
+            let event = Self::end_event(call, EndReason::ConnectionLost);
+            let mut targets = call.caller_targets();
+            targets.extend(call.callee_targets());
+            self.send_each(targets, event);
+            self.finish(&id, EndReason::ConnectionLost, now);
+        }
+    }
+
+    /// Every connection a call counts on now (the parties', the ringing devices).
+    pub fn live_connections(&self) -> Vec<(String, ConnId)> {
+        let mut out = Vec::new();
+        for c in self.calls.values() {
+            out.extend(c.caller_targets());
+            out.extend(c.callee_targets());
+        }
+        out
+    }
+
+    /// Forgets every call without a word (another machine runs them now).
+    pub fn forget_all(&mut self) {
+        self.calls.clear();
+        self.by_user.clear();
     }
 
     /// Whether the machine runs the call `id`.

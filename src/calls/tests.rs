@@ -700,3 +700,59 @@ fn renegotiation_goes_to_the_other_party_only_while_active() {
     );
     assert!(drain(&mut m).is_empty());
 }
+
+/// A machine takes over an answered call from another (a cluster's new calls leader): through
+/// JSON, deadlines and parties kept; the party whose connection died gets the reconnect grace,
+/// the other goes on talking; a call whose user is busy here ends at once.
+#[test]
+fn a_call_taken_over_by_another_machine_goes_on() {
+    let m = active();
+    let snaps = m.snapshots();
+    let json = serde_json::to_string(&snaps["k1"]).unwrap();
+    let mut n = machine();
+    n.restore(serde_json::from_str(&json).unwrap(), 2000);
+    assert!(drain(&mut n).is_empty());
+    assert!(n.has_call("k1") && n.is_engaged("a") && n.is_engaged("b"));
+    assert_eq!(
+        n.live_connections().into_iter().collect::<BTreeSet<_>>(),
+        [("a".to_owned(), conn(1)), ("b".to_owned(), conn(2))]
+            .into_iter()
+            .collect()
+    );
+    // B's connection died with the old machine's node.
+    n.connection_down("b", conn(2), 3000);
+    assert_eq!(
+        drain(&mut n),
+        vec![send("a", conn(1), "call:peer-reconnecting", ids("k1"))]
+    );
+    assert_eq!(n.poll_timeout(), Some(3000 + GRACE));
+    n.handle_timeout(3000 + GRACE);
+    assert_eq!(
+        drain(&mut n),
+        vec![
+            send("a", conn(1), "call:end", end("k1", "connection_lost")),
+            summary("k1", 0, Some(1000), 3000 + GRACE, EndReason::ConnectionLost),
+        ]
+    );
+
+    // Taking the same call twice changes nothing; one whose user is busy here ends.
+    let mut busy = machine();
+    busy.connection_up("b", conn(9), 0);
+    busy.connection_up("c", conn(7), 0);
+    let mut req = initiate("k2", "b");
+    req.chat_id = "chat-cb".into();
+    assert_eq!(busy.initiate("c", conn(7), req, 0), Ok("k2".into()));
+    drain(&mut busy);
+    busy.restore(snaps["k1"].clone(), 5000);
+    assert_eq!(
+        drain(&mut busy),
+        vec![
+            send("a", conn(1), "call:end", end("k1", "connection_lost")),
+            send("b", conn(2), "call:end", end("k1", "connection_lost")),
+            summary("k1", 0, Some(1000), 5000, EndReason::ConnectionLost),
+        ]
+    );
+    assert!(busy.has_call("k2") && !busy.has_call("k1"));
+    busy.forget_all();
+    assert!(!busy.is_engaged("b") && busy.active_calls() == 0);
+}

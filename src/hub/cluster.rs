@@ -16,7 +16,9 @@
 //! - `leader` (expires after [`NODE_TTL`] unless renewed): the node that runs the calls machine
 //!   for the whole cluster, so busy state, glare and ringing every device need no distributed
 //!   protocol; the others forward call signals to it;
-//! - `calls`: the calls the leader has open, for a new leader to end if the old one died.
+//! - `calls`: the state of the calls the leader runs, for a successor to take over if it dies;
+//! - `graces`: sorted set of users inside their offline grace (score: when their last
+//!   connection went), so that if the node running a grace stops, another shows them offline.
 //!
 //! Every change of several keys is one Lua script, so two nodes never see half of one. Each
 //! call may fail (Redis away): callers fall back to what this node knows by itself.
@@ -38,6 +40,11 @@ use super::{ConnId, NodeId};
 pub const NODE_TTL: Duration = Duration::from_secs(10);
 /// How often a node renews its heartbeat and looks for dead nodes.
 pub const TICK: Duration = Duration::from_secs(3);
+/// How long a node trusts what it last learnt of the calls lease (less than [`NODE_TTL`], so a
+/// leader cut off stops before the lease can pass to another node).
+const LEADER_VIEW: Duration = Duration::from_secs(7);
+/// How long after a grace should have ended another node may end it (its node stopped).
+const GRACE_SLACK_MS: i64 = 3_000;
 /// How long one Redis command may take.
 const TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a `gone:` entry outlives the grace (then it is only garbage).
@@ -76,6 +83,8 @@ pub struct Resynced {
 /// What a [`Cluster::tick`] found.
 #[derive(Debug, Default)]
 pub struct Tick {
+    /// Users whose grace a stopped node left running: show them offline (with when they left).
+    pub offline: Vec<(String, i64)>,
     /// Connections of nodes that died.
     pub lost: Vec<Lost>,
     /// The nodes swept.
@@ -87,8 +96,13 @@ pub struct Cluster {
     prefix: String,
     node: NodeId,
     grace_ms: i64,
-    /// The calls leader (0: not known).
+    /// The calls leader (0: not known) and when that was last learnt from Redis: a view older
+    /// than [`LEADER_VIEW`] is not trusted (a node cut off from Redis must not go on believing
+    /// it runs the calls while another takes the lease).
     leader: AtomicU64,
+    leader_seen: Mutex<Option<tokio::time::Instant>>,
+    /// A write of a connection failed: the next resync compares everything.
+    dirty: AtomicBool,
     healthy: AtomicBool,
     /// Counter for `gone:` tokens.
     tokens: AtomicU64,
@@ -99,6 +113,7 @@ pub struct Cluster {
 const UP: &str = r#"
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
+redis.call('ZREM', KEYS[4], ARGV[3])
 local gone = redis.call('DEL', KEYS[3])
 if redis.call('HLEN', KEYS[1]) == 1 and gone == 0 then return 1 end
 return 0
@@ -109,6 +124,7 @@ local had = redis.call('HDEL', KEYS[1], ARGV[1])
 redis.call('HDEL', KEYS[2], ARGV[1])
 if had == 1 and redis.call('HLEN', KEYS[1]) == 0 then
   redis.call('SET', KEYS[3], ARGV[2], 'PX', ARGV[3])
+  redis.call('ZADD', KEYS[4], ARGV[5], ARGV[4])
   return 1
 end
 return 0
@@ -117,9 +133,28 @@ return 0
 const OFFLINE_DUE: &str = r#"
 if redis.call('GET', KEYS[1]) == ARGV[1] and redis.call('HLEN', KEYS[2]) == 0 then
   redis.call('DEL', KEYS[1])
+  redis.call('ZREM', KEYS[3], ARGV[2])
   return 1
 end
 return 0
+"#;
+
+/// Graces whose node did not end them in time (KEYS[1] the sorted set; ARGV[1] the latest
+/// start that is overdue, ARGV[2] the key prefix): the users to show offline, with when they
+/// left, as a flat list.
+const CLAIM_GRACES: &str = r#"
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'WITHSCORES', 'LIMIT', 0, 200)
+local out = {}
+for i = 1, #due, 2 do
+  local user = due[i]
+  redis.call('ZREM', KEYS[1], user)
+  if redis.call('HLEN', ARGV[2] .. 'conns:' .. user) == 0 then
+    redis.call('DEL', ARGV[2] .. 'gone:' .. user)
+    table.insert(out, user)
+    table.insert(out, due[i + 1])
+  end
+end
+return out
 "#;
 
 /// Renews the lease in KEYS[1] if ARGV[1] holds it, takes it if nobody does; returns the holder.
@@ -185,6 +220,8 @@ impl Cluster {
             node,
             grace_ms,
             leader: AtomicU64::new(0),
+            leader_seen: Mutex::new(None),
+            dirty: AtomicBool::new(false),
             healthy: AtomicBool::new(true),
             tokens: AtomicU64::new(0),
             pending: Mutex::new(HashMap::new()),
@@ -211,7 +248,8 @@ impl Cluster {
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
-        let stale = cluster.sweep_node(node).await?;
+        let mut stale = Vec::new();
+        cluster.sweep_node(node, &mut stale).await?;
         let mut c = cluster.conn.clone();
         let _: () = timed(c.sadd(cluster.key("nodes"), node.0)).await?;
         Ok((cluster, stale))
@@ -237,6 +275,14 @@ impl Cluster {
 
     /// The node running the calls machine, if known.
     pub fn leader(&self) -> Option<NodeId> {
+        let fresh = self
+            .leader_seen
+            .lock()
+            .expect("leader lock")
+            .is_some_and(|t| t.elapsed() < LEADER_VIEW);
+        if !fresh {
+            return None;
+        }
         match self.leader.load(Ordering::Relaxed) {
             0 => None,
             n => Some(NodeId(n)),
@@ -253,12 +299,16 @@ impl Cluster {
                 .key(self.key(&format!("conns:{user}")))
                 .key(self.key(&format!("nodeconns:{}", conn.node().0)))
                 .key(self.key(&format!("gone:{user}")))
+                .key(self.key("graces"))
                 .arg(field(conn))
                 .arg(conn.node().0)
                 .arg(user)
                 .invoke_async::<i64>(&mut c),
         )
         .await;
+        if r.is_err() {
+            self.dirty.store(true, Ordering::Relaxed);
+        }
         self.seen(r).map(|n| n == 1)
     }
 
@@ -281,12 +331,18 @@ impl Cluster {
                 .key(self.key(&format!("conns:{user}")))
                 .key(self.key(&format!("nodeconns:{}", of.0)))
                 .key(self.key(&format!("gone:{user}")))
+                .key(self.key("graces"))
                 .arg(field(conn))
                 .arg(&token)
                 .arg(self.grace_ms.max(0) + GONE_SLACK_MS)
+                .arg(user)
+                .arg(crate::time::now_ms())
                 .invoke_async::<i64>(&mut c),
         )
         .await;
+        if r.is_err() {
+            self.dirty.store(true, Ordering::Relaxed);
+        }
         if self.seen(r)? == 1 {
             self.pending
                 .lock()
@@ -309,7 +365,9 @@ impl Cluster {
             redis::Script::new(OFFLINE_DUE)
                 .key(self.key(&format!("gone:{user}")))
                 .key(self.key(&format!("conns:{user}")))
+                .key(self.key("graces"))
                 .arg(token)
+                .arg(user)
                 .invoke_async::<i64>(&mut c),
         )
         .await;
@@ -348,12 +406,15 @@ impl Cluster {
     }
 
     /// Renews this node's heartbeat and the calls lease, and sweeps nodes that died.
-    pub async fn tick(&self) -> Result<Tick> {
-        let r = self.tick_inner().await;
-        self.seen(r)
+    /// What was found is returned even when a later step failed (then with its error).
+    pub async fn tick(&self) -> (Tick, Option<ClusterError>) {
+        let mut tick = Tick::default();
+        let r = self.tick_inner(&mut tick).await;
+        let e = self.seen(r).err();
+        (tick, e)
     }
 
-    async fn tick_inner(&self) -> Result<Tick> {
+    async fn tick_inner(&self, out: &mut Tick) -> Result<()> {
         let mut c = self.conn.clone();
         let ttl = NODE_TTL.as_millis() as u64;
         let _: () = timed(
@@ -376,9 +437,26 @@ impl Cluster {
         .await?;
         self.leader
             .store(holder.parse().unwrap_or(0), Ordering::Relaxed);
-        let nodes: Vec<u64> = timed(c.smembers(self.key("nodes"))).await?;
-        let mut tick = Tick::default();
-        for n in nodes.into_iter().filter(|n| *n != self.node.0) {
+        *self.leader_seen.lock().expect("leader lock") = Some(tokio::time::Instant::now());
+        // Graces a stopped node left running: shown offline here.
+        let overdue = crate::time::now_ms() - self.grace_ms.max(0) - GRACE_SLACK_MS;
+        let claimed: Vec<String> = timed(
+            redis::Script::new(CLAIM_GRACES)
+                .key(self.key("graces"))
+                .arg(overdue)
+                .arg(&self.prefix)
+                .invoke_async(&mut c),
+        )
+        .await?;
+        for pair in claimed.chunks(2) {
+            if let [user, at] = pair {
+                out.offline
+                    .push((user.clone(), at.parse().unwrap_or(overdue)));
+            }
+        }
+        let nodes: Vec<String> = timed(c.smembers(self.key("nodes"))).await?;
+        let nodes = nodes.into_iter().filter_map(|n| n.parse::<u64>().ok());
+        for n in nodes.filter(|n| *n != self.node.0) {
             let alive: bool = timed(c.exists(self.key(&format!("alive:{n}")))).await?;
             if alive {
                 continue;
@@ -397,20 +475,23 @@ impl Cluster {
             if lock.is_none() {
                 continue;
             }
-            tick.lost.extend(self.sweep_node(NodeId(n)).await?);
+            // What was removed before a failure is reported all the same.
+            let failed = self.sweep_node(NodeId(n), &mut out.lost).await.err();
+            if let Some(e) = failed {
+                return Err(e);
+            }
             let _: () = timed(c.srem(self.key("nodes"), n)).await?;
-            tick.dead.push(NodeId(n));
+            out.dead.push(NodeId(n));
             tracing::warn!(node = %NodeId(n), "node stopped sending heartbeats; its connections were removed");
         }
-        Ok(tick)
+        Ok(())
     }
 
     /// Removes every connection `node` holds in Redis, each as if it had closed.
-    async fn sweep_node(&self, node: NodeId) -> Result<Vec<Lost>> {
+    async fn sweep_node(&self, node: NodeId, lost: &mut Vec<Lost>) -> Result<()> {
         let mut c = self.conn.clone();
         let conns: HashMap<String, String> =
             timed(c.hgetall(self.key(&format!("nodeconns:{}", node.0)))).await?;
-        let mut lost = Vec::with_capacity(conns.len());
         for (f, user) in conns {
             let Some(conn) = parse_field(&f) else {
                 let _: () = timed(c.hdel(self.key(&format!("nodeconns:{}", node.0)), &f)).await?;
@@ -423,7 +504,7 @@ impl Cluster {
                 gone_token,
             });
         }
-        Ok(lost)
+        Ok(())
     }
 
     /// Makes what Redis holds of this node's connections what its hub holds (`local`), when
@@ -439,7 +520,8 @@ impl Cluster {
         let mut c = self.conn.clone();
         let mine = self.key(&format!("nodeconns:{}", self.node.0));
         let held: usize = timed(c.hlen(&mine)).await?;
-        if held == local.len() {
+        let dirty = self.dirty.swap(false, Ordering::Relaxed);
+        if held == local.len() && !dirty {
             return Ok(Resynced::default());
         }
         let stored: HashMap<String, String> = timed(c.hgetall(&mine)).await?;
@@ -457,10 +539,11 @@ impl Cluster {
             for (f, (user, conn)) in &missing {
                 pipe.cmd("EVAL")
                     .arg(UP)
-                    .arg(3)
+                    .arg(4)
                     .arg(self.key(&format!("conns:{user}")))
                     .arg(&mine)
                     .arg(self.key(&format!("gone:{user}")))
+                    .arg(self.key("graces"))
                     .arg(f.as_str())
                     .arg(conn.node().0)
                     .arg(*user);
@@ -487,6 +570,34 @@ impl Cluster {
             "this node's connections in Redis brought in line with the node"
         );
         Ok(out)
+    }
+
+    /// For each (user, connection), whether Redis holds it.
+    pub async fn conns_exist(&self, conns: &[(String, ConnId)]) -> Result<Vec<bool>> {
+        if conns.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for (user, conn) in conns {
+            pipe.hexists(self.key(&format!("conns:{user}")), field(*conn));
+        }
+        let mut c = self.conn.clone();
+        let r = timed(pipe.query_async(&mut c)).await;
+        self.seen(r)
+    }
+
+    /// Gives the calls lease up (this node stops running calls), so another takes it at its
+    /// next heartbeat rather than when it expires.
+    pub async fn release_lease(&self) {
+        *self.leader_seen.lock().expect("leader lock") = None;
+        let mut c = self.conn.clone();
+        let _ = timed(
+            redis::Script::new(RELEASE)
+                .key(self.key("leader"))
+                .arg(self.node.0.to_string())
+                .invoke_async::<i64>(&mut c),
+        )
+        .await;
     }
 
     /// Whether this node holds the calls lease now.

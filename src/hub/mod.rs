@@ -81,6 +81,25 @@ impl ConnId {
     }
 }
 
+/// As `"{node}:{uuid}"` (the calls machine's state travels between nodes).
+impl serde::Serialize for ConnId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&format_args!("{}:{}", self.node.0, self.id))
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for ConnId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = std::borrow::Cow::<str>::deserialize(d)?;
+        let bad = || serde::de::Error::custom("a connection id: node:uuid");
+        let (node, id) = s.split_once(':').ok_or_else(bad)?;
+        Ok(ConnId {
+            node: NodeId(node.parse().map_err(|_| bad())?),
+            id: uuid::Uuid::parse_str(id).map_err(|_| bad())?,
+        })
+    }
+}
+
 impl std::fmt::Display for ConnId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         self.id.fmt(f)
@@ -251,6 +270,14 @@ impl Hub {
                 conn.open_chats.remove(chat_id);
             }
         }
+    }
+
+    /// Whether `conn` of `user_id` is live on this node.
+    pub fn has_connection(&self, user_id: &str, conn: ConnId) -> bool {
+        self.lock()
+            .users
+            .get(user_id)
+            .is_some_and(|u| u.contains_key(&conn))
     }
 
     /// Whether `user_id` has a live connection on this node.

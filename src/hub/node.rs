@@ -42,6 +42,8 @@ pub struct Node {
     /// Connections of dead nodes, for the calls machine.
     lost_tx: mpsc::UnboundedSender<(String, ConnId)>,
     lost_rx: std::sync::Mutex<Option<mpsc::UnboundedReceiver<(String, ConnId)>>>,
+    /// Cancelled when the node leaves (the cluster heartbeat stops then).
+    left: CancellationToken,
 }
 
 impl Node {
@@ -60,6 +62,7 @@ impl Node {
             cluster,
             lost_tx,
             lost_rx: std::sync::Mutex::new(Some(lost_rx)),
+            left: CancellationToken::new(),
             store,
             hub,
             broker,
@@ -176,8 +179,11 @@ impl Node {
         self.lost_rx.lock().expect("lost lock").take()
     }
 
-    /// Renews this node's heartbeat and sweeps dead nodes until `shutdown` (clusters only).
-    pub async fn run_cluster(self: Arc<Self>, shutdown: CancellationToken) {
+    /// Renews this node's heartbeat, sweeps dead nodes and keeps Redis in line with the hub,
+    /// until the node leaves (clusters only: heartbeats go on while sessions drain, so a
+    /// draining node is not swept). What it finds is dispatched off this loop, so slow presence
+    /// work never delays a heartbeat.
+    pub async fn run_cluster(self: Arc<Self>) {
         let Some(cluster) = self.cluster.clone() else {
             return;
         };
@@ -185,31 +191,46 @@ impl Node {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                _ = shutdown.cancelled() => return,
+                _ = self.left.cancelled() => return,
                 _ = tick.tick() => {}
             }
-            match cluster.tick().await {
-                Ok(t) => {
-                    self.conns_lost(t.lost).await;
-                    match cluster.resync(&self.hub.all_connections()).await {
-                        Ok(r) => {
-                            let now = now_ms();
-                            let mut events: Vec<PresenceEvent> = r
-                                .online
-                                .into_iter()
-                                .map(|user_id| PresenceEvent::Online { user_id })
-                                .collect();
-                            for user in r.gone {
-                                events.extend(self.hub.presence_gone(&user, now));
-                            }
-                            self.presence_changed.notify_one();
-                            self.dispatch_presence(events).await;
-                        }
-                        Err(e) => tracing::warn!(error = %e, "could not bring Redis in line"),
+            let (found, failed) = cluster.tick().await;
+            if let Some(e) = failed {
+                tracing::warn!(error = %e, "cluster heartbeat failed");
+            }
+            let resynced = if cluster.is_healthy() {
+                match cluster.resync(&self.hub.all_connections()).await {
+                    Ok(r) => Some(r),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "could not bring Redis in line");
+                        None
                     }
                 }
-                Err(e) => tracing::warn!(error = %e, "cluster heartbeat failed"),
-            }
+            } else {
+                None
+            };
+            let node = self.clone();
+            tokio::spawn(async move {
+                node.conns_lost(found.lost).await;
+                for (user_id, at) in found.offline {
+                    // Claimed from Redis already: shown offline without asking again.
+                    node.show_offline(&user_id, at).await;
+                }
+                let mut events: Vec<PresenceEvent> = Vec::new();
+                if let Some(r) = resynced {
+                    let now = now_ms();
+                    events.extend(
+                        r.online
+                            .into_iter()
+                            .map(|user_id| PresenceEvent::Online { user_id }),
+                    );
+                    for user in r.gone {
+                        events.extend(node.hub.presence_gone(&user, now));
+                    }
+                }
+                node.presence_changed.notify_one();
+                node.dispatch_presence(events).await;
+            });
         }
     }
 
@@ -348,10 +369,7 @@ impl Node {
                             }
                         }
                     }
-                    if let Err(e) = self.store.set_last_seen(&user_id, at).await {
-                        tracing::warn!(error = %e, "could not store last-seen time");
-                    }
-                    self.users_update(&user_id, false, Some(at)).await;
+                    self.show_offline(&user_id, at).await;
                 }
                 PresenceEvent::TypingStopped { user_id, chat_id } => {
                     match self.store.members(&chat_id).await {
@@ -373,6 +391,23 @@ impl Node {
                             tracing::warn!(error = %e, "typing expiry: members lookup failed")
                         }
                     }
+                }
+            }
+        }
+    }
+
+    /// Stores the last-seen time and tells the user's contacts they are offline. In a cluster
+    /// a connection may have come up on another node meanwhile, and its `online` may have
+    /// reached the contacts first: then they hear `online` again, after this.
+    async fn show_offline(&self, user_id: &str, at: i64) {
+        if let Err(e) = self.store.set_last_seen(user_id, at).await {
+            tracing::warn!(error = %e, "could not store last-seen time");
+        }
+        self.users_update(user_id, false, Some(at)).await;
+        if let Some(c) = &self.cluster {
+            if let Ok(v) = c.connections_of(user_id).await {
+                if !v.is_empty() {
+                    self.users_update(user_id, true, None).await;
                 }
             }
         }
@@ -476,6 +511,7 @@ impl Node {
 
     /// Leaves the broker (the node is stopping).
     pub async fn leave(&self) {
+        self.left.cancel();
         self.broker.unsubscribe(self.id()).await;
         if let Some(c) = &self.cluster {
             c.leave().await;

@@ -351,15 +351,20 @@ async fn postgres_redis_a_node_killed_mid_call_ends_the_call_and_its_users_go_of
     // The call is recorded once, as lost.
     let calls = call_records(&a, &alice.token, &chat, 1).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(call_records(&a, &alice.token, &chat, 1).await.len(), 1, "{calls:?}");
+    assert_eq!(
+        call_records(&a, &alice.token, &chat, 1).await.len(),
+        1,
+        "{calls:?}"
+    );
     assert_eq!(calls[0]["call"]["outcome"], "connection_lost");
     a.stop().await;
 }
 
 /// The node that runs the calls (the first started, here the real binary) is killed with
-/// SIGKILL mid-call: the other node takes the calls lease once it expires, ends the call it left
-/// open with `connection_lost` to bob (on the surviving node), records it, and shows alice (who
-/// was on the dead node) offline.
+/// SIGKILL mid-call: the other node takes the calls lease once it expires and takes the call
+/// over; alice's connection died with the old leader, so bob (on the surviving node) hears
+/// `peer-reconnecting`, then `connection_lost` after the reconnect grace; the call is recorded
+/// once, and alice is shown offline.
 #[tokio::test]
 async fn postgres_redis_the_calls_leader_killed_mid_call_is_replaced() {
     let redis = RedisServer::start();
@@ -369,7 +374,9 @@ async fn postgres_redis_the_calls_leader_killed_mid_call_is_replaced() {
     let mut pairs: Vec<(&str, &str)> = envs.iter().map(|(k, v)| (*k, v.as_str())).collect();
     pairs.push(("SWITCHBOARD_PRESENCE__OFFLINE_GRACE", "300ms"));
     let mut a = Binary::serve().in_dir(dir.path()).envs(&pairs).spawn();
-    let b = env.node("b", |_| {}).await;
+    let b = env
+        .node("b", |c| c.calls.reconnect_grace = Duration::from_secs(1))
+        .await;
     let alice = b.register("alice").await;
     let bob = b.register("bob").await;
     let chat = b.direct_chat(&alice, &bob).await;
@@ -389,7 +396,11 @@ async fn postgres_redis_the_calls_leader_killed_mid_call_is_replaced() {
     wb.event("call:answer").await;
 
     a.kill9();
-    let end = wb.event_within("call:end", Duration::from_secs(25)).await;
+    let away = wb
+        .event_within("call:peer-reconnecting", Duration::from_secs(25))
+        .await;
+    assert_eq!(away, json!({"chatId": chat, "callId": call}));
+    let end = wb.event_within("call:end", Duration::from_secs(5)).await;
     assert_eq!(
         end,
         json!({"chatId": chat, "callId": call, "reason": "connection_lost"})
@@ -423,6 +434,52 @@ async fn postgres_redis_the_calls_leader_killed_mid_call_is_replaced() {
     // not a missed one.
     let text = calls[0]["content"].as_str().unwrap();
     assert!(text.starts_with("Video call, "), "{text}");
+    b.stop().await;
+}
+
+/// A node stops (SIGKILL) while it runs a user's offline grace: another node shows the user
+/// offline a little after the grace (3 s later, at its next heartbeat), not never.
+#[tokio::test]
+async fn postgres_redis_a_grace_left_by_a_dead_node_ends_on_another() {
+    let redis = RedisServer::start();
+    let env = ClusterEnv::new(&redis).await;
+    let b = env
+        .node("b", |c| c.presence.offline_grace = Duration::from_secs(1))
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let envs = env.envs("a");
+    let mut pairs: Vec<(&str, &str)> = envs.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    pairs.push(("SWITCHBOARD_PRESENCE__OFFLINE_GRACE", "1s"));
+    let mut a = Binary::serve().in_dir(dir.path()).envs(&pairs).spawn();
+    let alice = b.register("alice").await;
+    let bob = b.register("bob").await;
+    b.direct_chat(&alice, &bob).await;
+    let mut wb = b.ws(&bob).await;
+    let wa = Ws::connect(a.addr, &alice.token).await;
+    let up = wb.event("users:update").await;
+    assert_eq!(
+        (&up["userId"], &up["isOnline"]),
+        (&json!(alice.id), &json!(true))
+    );
+    wa.close().await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    a.kill9();
+    let started = std::time::Instant::now();
+    let down = wb
+        .event_within("users:update", Duration::from_secs(15))
+        .await;
+    assert_eq!(
+        (&down["userId"], &down["isOnline"]),
+        (&json!(alice.id), &json!(false))
+    );
+    assert!(down["lastSeenAt"].is_string(), "{down}");
+    assert!(
+        started.elapsed() < Duration::from_secs(9),
+        "{:?}",
+        started.elapsed()
+    );
+    wb.no_event("users:update", Duration::from_millis(500))
+        .await;
     b.stop().await;
 }
 
