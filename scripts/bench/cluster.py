@@ -10,7 +10,7 @@ PostgreSQL, so the difference is the Redis hop), and PostgreSQL send->ack next t
 A real `redis-server` and a throwaway PostgreSQL (scripts/pg-temp.sh; synchronous_commit on,
 fsync on, as installed) are started here and removed at the end.
 
-  scripts/bench/cluster.sh [--smoke] [--rounds N] [--write-docs]
+  scripts/bench/cluster.sh [--smoke] [--rounds N] [--write-docs]   (scripts/bench/ws.sh runs it too)
 """
 import argparse
 import json
