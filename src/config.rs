@@ -420,6 +420,17 @@ impl Config {
         Self::load_from(file, Env::prefixed(ENV_PREFIX).split("__"))
     }
 
+    /// Defaults, then the TOML text `toml` (no environment), validated: what `check-config`
+    /// says of a file with this content.
+    pub fn from_toml_str(toml: &str) -> Result<Self, ConfigError> {
+        let config: Config = Figment::from(Serialized::defaults(Config::default()))
+            .merge(Toml::string(toml))
+            .extract()
+            .map_err(|e| ConfigError::Parse(describe_figment_error(e)))?;
+        config.validate()?;
+        Ok(config)
+    }
+
     fn load_from(file: Option<&Path>, env: Env) -> Result<Self, ConfigError> {
         let mut fig = Figment::from(Serialized::defaults(Config::default()));
         if let Some(path) = file {

@@ -24,6 +24,8 @@ pub mod client;
 pub mod config;
 pub mod doctor;
 pub mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod http;
 pub mod hub;
 pub mod limits;

@@ -332,6 +332,17 @@ impl MessageHandler<LocalAdapter, Queued> for Queue {
     }
 }
 
+/// What a Socket.IO client's event text becomes, with and without the seeds' aliases, down to
+/// the typed request (for `crate::fuzzing`).
+#[doc(hidden)]
+pub fn fuzz_decode(text: &str) {
+    for aliases in [false, true] {
+        if let Incoming::Request { event, data, .. } = decode(text, aliases, None) {
+            let _ = crate::wire::Request::decode(&event, data.as_deref());
+        }
+    }
+}
+
 /// `["event", data, ...]` as a request (extra arguments are ignored; the ack is the callback).
 fn decode(text: &str, aliases: bool, reply_to: Option<Ack>) -> Incoming<Ack> {
     let parts: Vec<&RawValue> = match serde_json::from_str(text) {
