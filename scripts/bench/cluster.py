@@ -13,19 +13,17 @@ fsync on, as installed) are started here and removed at the end.
   scripts/bench/cluster.sh [--smoke] [--rounds N] [--write-docs]   (scripts/bench/ws.sh runs it too)
 """
 import argparse
-import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import report  # noqa: E402
-from ws import free_port, load, post, stop, wait_http  # noqa: E402
+from ws import free_port, load, make_setups, stop, wait_http  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -91,29 +89,7 @@ class Deployment:
             self.urls.append(f"ws://127.0.0.1:{port}/ws")
 
     def setup(self, sizes, tmp, name):
-        base = self.bases[0]
-        with ThreadPoolExecutor(8) as pool:
-            regs = list(pool.map(lambda i: post(f"{base}/api/auth/register", {"username": f"load{i:05d}", "password": "password123"}), range(sizes["users"])))
-        tokens = [r["accessToken"] for r in regs]
-        ids = [r["user"]["id"] for r in regs]
-
-        def chats(group):
-            out = []
-            for start in range(0, sizes["clients"], group):
-                members = ids[start:start + group]
-                body = {"participantIds": members[1:]}
-                if group > 2:
-                    body["title"] = f"group {start}"
-                out.append(post(f"{base}/api/chats", body, tokens[start])["chat"]["id"])
-            return out
-
-        direct = post(f"{base}/api/chats", {"participantIds": [ids[1]]}, tokens[0])["chat"]["id"]
-        setups = {}
-        for group in [2, sizes["group"]]:
-            path = tmp / f"setup-{name}-{group}.json"
-            path.write_text(json.dumps({"tokens": tokens, "chats": chats(group), "direct": direct}))
-            setups[group] = str(path)
-        return setups
+        return make_setups(self.bases[0], sizes, tmp, f"{name}-")
 
     def stop(self):
         for p in self.procs:

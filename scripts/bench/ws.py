@@ -127,6 +127,34 @@ def idle(bin_path, url, proto, pid, conns, setup, transport="websocket"):
     }
 
 
+def make_setups(base, sizes, tmp, name=""):
+    """Registers the load users on the server at `base` and creates their chats: chats of 2 and
+    of `sizes["group"]` over consecutive users, and one direct chat for the ack and call
+    workloads. {group size: path of the ws-load setup file}."""
+    with ThreadPoolExecutor(8) as pool:
+        regs = list(pool.map(lambda i: post(f"{base}/api/auth/register", {"username": f"load{i:05d}", "password": "password123"}), range(sizes["users"])))
+    tokens = [r["accessToken"] for r in regs]
+    ids = [r["user"]["id"] for r in regs]
+
+    def chats(group):
+        out = []
+        for start in range(0, sizes["clients"], group):
+            members = ids[start:start + group]
+            body = {"participantIds": members[1:]}
+            if group > 2:
+                body["title"] = f"group {start}"
+            out.append(post(f"{base}/api/chats", body, tokens[start])["chat"]["id"])
+        return out
+
+    direct = post(f"{base}/api/chats", {"participantIds": [ids[1]]}, tokens[0])["chat"]["id"]
+    setups = {}
+    for group in [2, sizes["group"]]:
+        path = tmp / f"setup-{name}{group}.json"
+        path.write_text(json.dumps({"tokens": tokens, "chats": chats(group), "direct": direct}))
+        setups[group] = str(path)
+    return setups
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--smoke", action="store_true")
@@ -189,27 +217,7 @@ def main():
     try:
         restart("switchboard")
         # Users and chats for Switchboard (Socket.IO needs none: rooms are joined on the fly).
-        with ThreadPoolExecutor(8) as pool:
-            regs = list(pool.map(lambda i: post(f"{base}/api/auth/register", {"username": f"load{i:05d}", "password": "password123"}), range(sizes["users"])))
-        tokens = [r["accessToken"] for r in regs]
-        ids = [r["user"]["id"] for r in regs]
-
-        def chats(group):
-            out = []
-            for start in range(0, sizes["clients"], group):
-                members = ids[start:start + group]
-                body = {"participantIds": members[1:]}
-                if group > 2:
-                    body["title"] = f"group {start}"
-                out.append(post(f"{base}/api/chats", body, tokens[start])["chat"]["id"])
-            return out
-
-        direct = post(f"{base}/api/chats", {"participantIds": [ids[1]]}, tokens[0])["chat"]["id"]
-        setups = {}
-        for group in [2, sizes["group"]]:
-            path = tmp / f"setup-{group}.json"
-            path.write_text(json.dumps({"tokens": tokens, "chats": chats(group), "direct": direct}))
-            setups[group] = str(path)
+        setups = make_setups(base, sizes, tmp)
         targets = [
             ("switchboard", f"ws://127.0.0.1:{hport}/ws", "sb"),
             ("socketio", f"ws://127.0.0.1:{sport}", "sio"),

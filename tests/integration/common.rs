@@ -481,15 +481,24 @@ impl ClusterEnv {
         .await
     }
 
-    /// The same settings as environment variables, for a node run as the real binary.
-    pub fn envs(&self, name: &str) -> Vec<(&'static str, String)> {
-        vec![
-            ("SWITCHBOARD_DATABASE__URL", self.database_url.clone()),
-            ("SWITCHBOARD_CLUSTER__REDIS_URL", self.redis_url.clone()),
-            ("SWITCHBOARD_CLUSTER__REDIS_PREFIX", self.prefix.clone()),
-            ("SWITCHBOARD_CLUSTER__NODE_ID", name.to_owned()),
-            ("SWITCHBOARD_AUTH__JWT_SECRET", self.jwt_secret.clone()),
-        ]
+    /// Node `name` of the cluster as the real binary (to be killed), in its own data
+    /// directory, with `extra` environment settings on top of the cluster's.
+    pub fn binary(
+        &self,
+        name: &str,
+        extra: &[(&str, &str)],
+    ) -> (crate::binary::Binary, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let node = crate::binary::Binary::serve()
+            .in_dir(dir.path())
+            .env("SWITCHBOARD_DATABASE__URL", &self.database_url)
+            .env("SWITCHBOARD_CLUSTER__REDIS_URL", &self.redis_url)
+            .env("SWITCHBOARD_CLUSTER__REDIS_PREFIX", &self.prefix)
+            .env("SWITCHBOARD_CLUSTER__NODE_ID", name)
+            .env("SWITCHBOARD_AUTH__JWT_SECRET", &self.jwt_secret)
+            .envs(extra)
+            .spawn();
+        (node, dir)
     }
 }
 

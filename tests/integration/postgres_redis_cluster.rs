@@ -12,7 +12,6 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use crate::binary::Binary;
 use crate::common::*;
 
 fn offer() -> Value {
@@ -298,12 +297,13 @@ async fn postgres_redis_a_node_killed_mid_call_ends_the_call_and_its_users_go_of
             c.calls.reconnect_grace = Duration::from_millis(500)
         })
         .await;
-    let dir = tempfile::tempdir().unwrap();
-    let envs = env.envs("b");
-    let mut pairs: Vec<(&str, &str)> = envs.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    pairs.push(("SWITCHBOARD_PRESENCE__OFFLINE_GRACE", "300ms"));
-    pairs.push(("SWITCHBOARD_CALLS__RECONNECT_GRACE", "500ms"));
-    let mut b = Binary::serve().in_dir(dir.path()).envs(&pairs).spawn();
+    let (mut b, _dir) = env.binary(
+        "b",
+        &[
+            ("SWITCHBOARD_PRESENCE__OFFLINE_GRACE", "300ms"),
+            ("SWITCHBOARD_CALLS__RECONNECT_GRACE", "500ms"),
+        ],
+    );
     let alice = a.register("alice").await;
     let bob = a.register("bob").await;
     let chat = a.direct_chat(&alice, &bob).await;
@@ -369,11 +369,7 @@ async fn postgres_redis_a_node_killed_mid_call_ends_the_call_and_its_users_go_of
 async fn postgres_redis_the_calls_leader_killed_mid_call_is_replaced() {
     let redis = RedisServer::start();
     let env = ClusterEnv::new(&redis).await;
-    let dir = tempfile::tempdir().unwrap();
-    let envs = env.envs("a");
-    let mut pairs: Vec<(&str, &str)> = envs.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    pairs.push(("SWITCHBOARD_PRESENCE__OFFLINE_GRACE", "300ms"));
-    let mut a = Binary::serve().in_dir(dir.path()).envs(&pairs).spawn();
+    let (mut a, _dir) = env.binary("a", &[("SWITCHBOARD_PRESENCE__OFFLINE_GRACE", "300ms")]);
     let b = env
         .node("b", |c| c.calls.reconnect_grace = Duration::from_secs(1))
         .await;
@@ -446,11 +442,7 @@ async fn postgres_redis_a_grace_left_by_a_dead_node_ends_on_another() {
     let b = env
         .node("b", |c| c.presence.offline_grace = Duration::from_secs(1))
         .await;
-    let dir = tempfile::tempdir().unwrap();
-    let envs = env.envs("a");
-    let mut pairs: Vec<(&str, &str)> = envs.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    pairs.push(("SWITCHBOARD_PRESENCE__OFFLINE_GRACE", "1s"));
-    let mut a = Binary::serve().in_dir(dir.path()).envs(&pairs).spawn();
+    let (mut a, _dir) = env.binary("a", &[("SWITCHBOARD_PRESENCE__OFFLINE_GRACE", "1s")]);
     let alice = b.register("alice").await;
     let bob = b.register("bob").await;
     b.direct_chat(&alice, &bob).await;
